@@ -1,0 +1,7 @@
+"""Architecture adapters: one data entry per MoE family, bound to a loaded model."""
+
+from .adapter import MoELayer, family_of, get_path, moe_layers
+from .families import FAMILIES
+from .family import MoEFamily
+
+__all__ = ["FAMILIES", "MoEFamily", "MoELayer", "family_of", "get_path", "moe_layers"]

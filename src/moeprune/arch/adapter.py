@@ -1,0 +1,113 @@
+"""Bind a family entry to a loaded model: find its MoE layers, routers, experts and counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..errors import UnsupportedModelError, did_you_mean
+from .families import FAMILIES
+from .family import MoEFamily
+
+
+def get_path(obj: object, path: str) -> object:
+    """``get_path(block, "gate.wg.weight")`` -> the attribute at that dotted path."""
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def family_of(config: PretrainedConfig) -> MoEFamily:
+    """The family entry for a config; a clear error for dense or unknown models."""
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    model_type = text_config.model_type
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    looks_moe = any(
+        getattr(text_config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    )
+    if not looks_moe:
+        raise UnsupportedModelError(
+            f"'{model_type}' is a dense model (no routed experts): moeprune prunes Mixture-of-Experts models only"
+        )
+    raise UnsupportedModelError(
+        f"MoE family '{model_type}' is not supported yet{did_you_mean(model_type, list(FAMILIES))}; "
+        "see the README's family table"
+    )
+
+
+@dataclass
+class MoELayer:
+    """One sparse MoE block of a loaded model, with its family's names resolved."""
+
+    index: int  # decoder layer index
+    block: nn.Module
+    family: MoEFamily
+
+    @property
+    def router(self) -> nn.Module:
+        return get_path(self.block, self.family.router_attr)  # type: ignore[return-value]
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.block.experts
+
+    @property
+    def num_experts(self) -> int:
+        return int(get_path(self.block, self.family.expert_tensors[0]).shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    @property
+    def num_groups(self) -> int:
+        """Expert groups of a group-limited router (1 when routing is not group-limited)."""
+        return getattr(self.router, "num_group", None) or 1 if self._groups_active() else 1
+
+    @property
+    def topk_groups(self) -> int:
+        return getattr(self.router, "topk_group", None) or 1 if self._groups_active() else 1
+
+    def _groups_active(self) -> bool:
+        if self.family.group_key is None:
+            return False
+        if self.family.group_active:
+            attr, value = self.family.group_active.split("=")
+            return getattr(self.router, "topk_method", None) == value
+        return True
+
+    def expert_param_count(self) -> int:
+        """Parameters that belong to one routed expert (expert tensors + its router rows/biases)."""
+        n = 0
+        for path in self.family.expert_tensors:
+            t = get_path(self.block, path)
+            n += t[0].numel()
+        for path, dim in self.family.router_tensors:
+            t = get_path(self.block, path)
+            n += t.numel() // t.shape[dim]
+        return n
+
+
+def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
+    """Every sparse MoE block of `model`, by decoder layer index (dense layers are skipped)."""
+    family = family_of(model.config)
+    layers = get_path(model, family.layers_path)
+    found = []
+    for index, layer in enumerate(layers):  # type: ignore[arg-type]
+        block = getattr(layer, family.block_attr, None)
+        if block is not None and type(block).__name__ in family.block_classes:
+            found.append(MoELayer(index=index, block=block, family=family))
+    if not found:
+        raise UnsupportedModelError(
+            f"no {family.block_classes[0]} found under {family.layers_path}.*.{family.block_attr}: "
+            "the model has no MoE layers to prune"
+        )
+    return found
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -1,0 +1,52 @@
+"""`MoEFamily`: everything moeprune needs to know about one transformers MoE family, as data.
+
+Algorithms never guess attribute names: they read them from the family entry. Adding a family is
+one entry in `families.py` plus passing the shared test matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+RouterOutput = Literal["topk", "dense_scores"]
+ExpertsCall = Literal["routed", "stacked"]
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """Description of one MoE family in transformers 5.x.
+
+    Paths are dotted attribute paths. ``block_*`` are relative to a decoder layer, the rest relative
+    to the MoE block. Every per-expert tensor has the expert on the given dimension.
+    """
+
+    model_type: str  # config.model_type
+    block_classes: tuple[str, ...]  # class names of the sparse MoE block
+    block_attr: str  # decoder layer -> MoE block, e.g. "mlp"
+    router_attr: str  # block -> router module, e.g. "gate"
+    routing: str  # how routing weights are made, for humans (README, reports)
+    num_experts_keys: tuple[str, ...]  # config keys that hold the routed-expert count
+    top_k_key: str  # config key of the number of active experts per token
+    # (path in the block, expert dim): router rows and per-expert router biases
+    router_tensors: tuple[tuple[str, int], ...] = (("gate.weight", 0),)
+    # per-expert tensors of the fused experts module (expert dim 0)
+    expert_tensors: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
+    # integer attributes that hold the expert count and must follow surgery
+    count_attrs: tuple[str, ...] = ("gate.num_experts", "experts.num_experts")
+    router_output: RouterOutput = "topk"  # (logits, weights, indices) | (dense scores, logits)
+    experts_call: ExpertsCall = "routed"  # experts(h, top_k_index, top_k_weights) | experts(h stacked by expert)
+    group_key: str | None = None  # config key of the number of expert groups (group-limited routing)
+    group_active: str | None = None  # config (key, value) "key=value" under which groups are used
+    shared_attrs: tuple[str, ...] = ()  # shared experts, left untouched
+    layers_path: str = "model.layers"
+    extra_config_keys: tuple[str, ...] = field(default=())  # other keys that mirror the count
+
+    def slicing_spec(self) -> dict:
+        """The plain-dict subset of this entry that `surgery.slicing` needs (also written into
+        non-uniform checkpoints, which must load without moeprune)."""
+        d = asdict(self)
+        return {
+            k: d[k]
+            for k in ("block_attr", "block_classes", "router_tensors", "expert_tensors", "count_attrs", "layers_path")
+        }

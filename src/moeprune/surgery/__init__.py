@@ -1,0 +1,8 @@
+"""Structural surgery: remove experts in place, save uniform/non-uniform checkpoints, load them."""
+
+from .checkpoint import MANIFEST, load, save_pruned
+from .masking import mask_experts
+from .plan import ExpertPlan, validate_plan
+from .prune import remove_experts_
+
+__all__ = ["MANIFEST", "ExpertPlan", "load", "mask_experts", "remove_experts_", "save_pruned", "validate_plan"]

@@ -1,0 +1,115 @@
+"""Exact expert masking for candidate evaluation, without copying expert weights.
+
+For each masked layer the router runs as a *sliced clone* (router rows and biases of the kept
+experts only: what structural surgery would leave), and its expert indices are mapped back to the
+original ids so the untouched fused experts compute them. The result is by construction what the
+structurally pruned model computes: softmax routers renormalise over the survivors, sigmoid/biased
+routers select among the survivors only, group-limited routers see the shrunken groups.
+
+Removed experts get router logit -inf in the logits the router returns (for aux losses/recording).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..arch import MoELayer, moe_layers
+from .plan import ExpertPlan, validate_plan
+from .slicing import slice_block_
+
+_PATCH_MARK = "_moeprune_masked"
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A module sharing tensors with `module` but with its own attribute/parameter dicts and no hooks."""
+    clone = copy.copy(module)
+    clone.__dict__ = dict(module.__dict__)
+    clone._parameters = OrderedDict(module._parameters)
+    clone._buffers = OrderedDict(module._buffers)
+    clone._modules = OrderedDict((k, _shallow_clone(v)) for k, v in module._modules.items() if v is not None)
+    for name in _HOOK_DICTS:
+        if hasattr(module, name):
+            setattr(clone, name, OrderedDict())
+    clone.__dict__.pop("forward", None)
+    return clone
+
+
+def sliced_router(layer: MoELayer, keep: list[int]) -> nn.Module:
+    """A clone of `layer`'s router holding only the rows/biases of experts `keep`."""
+    prefix = layer.family.router_attr + "."
+    spec = {
+        "router_tensors": [(p[len(prefix) :], d) for p, d in layer.family.router_tensors],
+        "expert_tensors": [],
+        "count_attrs": [c[len(prefix) :] for c in layer.family.count_attrs if c.startswith(prefix)],
+    }
+    clone = _shallow_clone(layer.router)
+    slice_block_(clone, keep, spec)
+    return clone
+
+
+def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
+    num_experts = layer.num_experts
+    kind = layer.family.router_output
+
+    def forward(hidden_states, *args, **kwargs):
+        out = clone.forward(hidden_states, *args, **kwargs)
+        if kind == "topk":
+            logits, weights, indices = out  # (T, E'), (T, k), (T, k)
+            keep_t = torch.as_tensor(keep, device=indices.device)
+            full = logits.new_full((*logits.shape[:-1], num_experts), float("-inf"))  # (T, E)
+            full[..., keep_t] = logits
+            return full, weights, keep_t[indices]
+        scores, logits = out  # dense_scores: (T, E'), (T, E')
+        keep_t = torch.as_tensor(keep, device=scores.device)
+        full_scores = scores.new_zeros((*scores.shape[:-1], num_experts))
+        full_scores[..., keep_t] = scores
+        full_logits = logits.new_full((*logits.shape[:-1], num_experts), float("-inf"))
+        full_logits[..., keep_t] = logits
+        return full_scores, full_logits
+
+    return forward
+
+
+@contextmanager
+def mask_experts(model: nn.Module, plan: ExpertPlan | dict) -> Iterator[dict[int, list[int]]]:
+    """Within the block, `model` computes exactly what the model pruned by `plan` computes.
+
+    Yields the kept expert ids per MoE layer. Patches are removed on exit, even on error.
+    """
+    if not isinstance(plan, ExpertPlan):
+        plan = ExpertPlan.from_removed(plan)
+    layers = moe_layers(model)
+    kept = validate_plan(model, plan, layers)
+    patched: list[nn.Module] = []
+    try:
+        for layer in layers:
+            keep = kept[layer.index]
+            if len(keep) == layer.num_experts:
+                continue
+            router = layer.router
+            if getattr(router, _PATCH_MARK, False):
+                raise RuntimeError("mask_experts() is already active on this model; masks do not nest")
+            clone = sliced_router(layer, keep)
+            router.forward = _masked_forward(layer, clone, keep)
+            setattr(router, _PATCH_MARK, True)
+            patched.append(router)
+        yield kept
+    finally:
+        for router in patched:
+            router.__dict__.pop("forward", None)
+            router.__dict__.pop(_PATCH_MARK, None)
