@@ -3,5 +3,16 @@
 from .adapter import MoELayer, family_of, get_path, moe_layers
 from .families import FAMILIES
 from .family import MoEFamily
+from .routing import RouterDecision, decode_router_output, expert_outputs
 
-__all__ = ["FAMILIES", "MoEFamily", "MoELayer", "family_of", "get_path", "moe_layers"]
+__all__ = [
+    "FAMILIES",
+    "MoEFamily",
+    "MoELayer",
+    "RouterDecision",
+    "decode_router_output",
+    "expert_outputs",
+    "family_of",
+    "get_path",
+    "moe_layers",
+]
