@@ -1,0 +1,29 @@
+"""Fitness of a pruned candidate against the unpruned teacher: ESAP, KL, NLL, measured acceptance.
+
+The teacher is run once on the search set (dense or top-K sparse cache); candidates are evaluated by
+masking, restarting from cached hidden states where their masks agree with an earlier candidate.
+"""
+
+from .evaluator import CandidateEvaluator, FitnessResult, HiddenCache, ReuseStats
+from .metrics import FITNESS, Fitness
+from .replay import LayerReplay
+from .searchset import SearchBatch, SearchSet
+from .speculative import AcceptanceResult, speculative_acceptance
+from .teacher import TeacherCache, TeacherSlice, teacher_slice
+
+__all__ = [
+    "FITNESS",
+    "AcceptanceResult",
+    "CandidateEvaluator",
+    "Fitness",
+    "FitnessResult",
+    "HiddenCache",
+    "LayerReplay",
+    "ReuseStats",
+    "SearchBatch",
+    "SearchSet",
+    "TeacherCache",
+    "TeacherSlice",
+    "speculative_acceptance",
+    "teacher_slice",
+]

@@ -1,0 +1,77 @@
+"""The search set: token batches on which the teacher and every candidate are compared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class SearchBatch:
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 = real token
+    score_mask: torch.Tensor  # (B, L) bool, True = this token is scored (predicted from its prefix)
+
+    def scored_positions(self) -> torch.Tensor:
+        """Flat indices into (B * L) of the positions t whose next token t+1 is scored. (n,)
+
+        Logits at position t predict token t+1, so position t counts when t+1 is attended and scored.
+        """
+        nxt = self.attention_mask[:, 1:].bool() & self.score_mask[:, 1:]  # (B, L-1)
+        keep = torch.zeros_like(self.score_mask)  # (B, L)
+        keep[:, :-1] = nxt
+        return keep.reshape(-1).nonzero().squeeze(1)
+
+    def labels(self) -> torch.Tensor:
+        """Next token at every flat position (the last position gets -1). (B * L,)"""
+        nxt = torch.full_like(self.input_ids, -1)
+        nxt[:, :-1] = self.input_ids[:, 1:]
+        return nxt.reshape(-1)
+
+
+@dataclass
+class SearchSet:
+    """Teacher-forced text for the fitness, as fixed batches (shapes never change between candidates)."""
+
+    batches: list[SearchBatch]
+
+    @classmethod
+    def from_tensors(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        score_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+    ) -> SearchSet:
+        """input_ids (N, L); attention_mask (N, L) (default all ones); score_mask (N, L) bool, e.g.
+        assistant-only tokens (default: every attended token)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+            raise DataError(
+                f"search set must be (sequences, length >= 2) token ids, got shape {tuple(input_ids.shape)}"
+            )
+        input_ids = input_ids.long()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if score_mask is None:
+            score_mask = attention_mask.bool()
+        batches = [
+            SearchBatch(
+                input_ids[i : i + batch_size],
+                attention_mask[i : i + batch_size].long(),
+                score_mask[i : i + batch_size].bool(),
+            )
+            for i in range(0, input_ids.shape[0], batch_size)
+        ]
+        out = cls(batches)
+        if out.num_scored() == 0:
+            raise DataError("the search set has no scored tokens (check the attention/score masks)")
+        return out
+
+    def num_scored(self) -> int:
+        return sum(int(b.scored_positions().numel()) for b in self.batches)
+
+    def num_tokens(self) -> int:
+        return sum(int(b.attention_mask.sum()) for b in self.batches)

@@ -1,0 +1,66 @@
+"""Teacher outputs on the search set, computed once: dense probabilities or a top-K sparse cache.
+
+Dense keeps p_teacher(v | y<t) for every scored token t and vocabulary entry v: T x V floats.
+Sparse keeps, per scored token, the K largest teacher probabilities, their token ids and the tail
+mass p_tail = 1 - sum_{v in K} p_v. Comparing a draft q against it treats the tail as one outcome
+(K + 1 outcomes), which bounds the exact ESAP:
+
+    lower_t = sum_{v in K} min(p_v, q_v)  <=  ESAP_t  <=  lower_t + min(p_tail, q_tail) = upper_t
+
+The sparse ESAP value is ``upper`` (the K+1-outcome ESAP, exact when the two tails are proportional);
+``lower`` is reported with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+CacheKind = Literal["dense", "sparse"]
+
+
+@dataclass
+class TeacherSlice:
+    """The teacher on the scored tokens of one batch."""
+
+    probs: torch.Tensor | None = None  # dense: (n, V) float32
+    top_probs: torch.Tensor | None = None  # sparse: (n, K) float32
+    top_ids: torch.Tensor | None = None  # sparse: (n, K) int16/int32
+    tail: torch.Tensor | None = None  # sparse: (n,) float32
+
+    @property
+    def dense(self) -> bool:
+        return self.probs is not None
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.probs, self.top_probs, self.top_ids, self.tail)
+            if t is not None
+        )
+
+
+def teacher_slice(logits: torch.Tensor, kind: CacheKind, top_k: int) -> TeacherSlice:
+    """logits (n, V) of the scored tokens -> what the cache keeps of them."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
+    if kind == "dense":
+        return TeacherSlice(probs=probs)
+    k = min(top_k, probs.shape[-1])
+    top_probs, top_ids = torch.topk(probs, k, dim=-1)  # (n, K)
+    id_dtype = torch.int16 if probs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+    tail = (1.0 - top_probs.sum(-1)).clamp_min(0.0)  # (n,)
+    return TeacherSlice(top_probs=top_probs.contiguous(), top_ids=top_ids.to(id_dtype), tail=tail)
+
+
+@dataclass
+class TeacherCache:
+    """One `TeacherSlice` per search batch, plus how it was built."""
+
+    kind: CacheKind
+    top_k: int
+    slices: list[TeacherSlice]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.slices)
