@@ -90,7 +90,9 @@ OVERRIDES: dict[str, dict] = {
         sliding_window=16,
     ),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
-    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.01, input_jitter_noise=0.0),
+    "phimoe": dict(
+        num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.01, input_jitter_noise=0.0
+    ),
     "ernie4_5_moe": dict(
         moe_num_experts=8,
         moe_k=2,

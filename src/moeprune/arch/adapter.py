@@ -27,7 +27,8 @@ def family_of(config: PretrainedConfig) -> MoEFamily:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     looks_moe = any(
-        getattr(text_config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+        getattr(text_config, k, None)
+        for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     )
     if not looks_moe:
         raise UnsupportedModelError(
@@ -66,29 +67,33 @@ class MoELayer:
     @property
     def num_groups(self) -> int:
         """Expert groups of a group-limited router (1 when routing is not group-limited)."""
-        return getattr(self.router, "num_group", None) or 1 if self._groups_active() else 1
+        if not self._groups_active():
+            return 1
+        return getattr(self.router, "num_group", None) or 1
 
     @property
     def topk_groups(self) -> int:
-        return getattr(self.router, "topk_group", None) or 1 if self._groups_active() else 1
+        """Groups each token may route into (all of them when routing is not group-limited)."""
+        if not self._groups_active():
+            return 1
+        return getattr(self.router, "topk_group", None) or 1
 
     def _groups_active(self) -> bool:
         if self.family.group_key is None:
             return False
         if self.family.group_active:
             attr, value = self.family.group_active.split("=")
-            return getattr(self.router, "topk_method", None) == value
+            return getattr(self.router, attr, None) == value
         return True
 
     def expert_param_count(self) -> int:
-        """Parameters that belong to one routed expert (expert tensors + its router rows/biases)."""
+        """Parameters that belong to one routed expert (expert tensors + its router rows/biases;
+        buffers such as e_score_correction_bias are not parameters and are not counted)."""
         n = 0
-        for path in self.family.expert_tensors:
+        for path, dim in [(p, 0) for p in self.family.expert_tensors] + list(self.family.router_tensors):
             t = get_path(self.block, path)
-            n += t[0].numel()
-        for path, dim in self.family.router_tensors:
-            t = get_path(self.block, path)
-            n += t.numel() // t.shape[dim]
+            if isinstance(t, nn.Parameter):
+                n += t.numel() // t.shape[dim]
         return n
 
 

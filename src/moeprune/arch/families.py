@@ -52,7 +52,8 @@ FAMILIES: dict[str, MoEFamily] = {
             block_classes=("DeepseekV2Moe",),
             block_attr="mlp",
             router_attr="gate",
-            routing=_SOFTMAX_TOPK + " (greedy or group-limited greedy), x routed_scaling_factor; shared experts",
+            routing=_SOFTMAX_TOPK
+            + " (greedy or group-limited greedy), x routed_scaling_factor; shared experts",
             num_experts_keys=("n_routed_experts",),
             top_k_key="num_experts_per_tok",
             group_key="n_group",

@@ -35,7 +35,9 @@ class MoEFamily:
     # integer attributes that hold the expert count and must follow surgery
     count_attrs: tuple[str, ...] = ("gate.num_experts", "experts.num_experts")
     router_output: RouterOutput = "topk"  # (logits, weights, indices) | (dense scores, logits)
-    experts_call: ExpertsCall = "routed"  # experts(h, top_k_index, top_k_weights) | experts(h stacked by expert)
+    experts_call: ExpertsCall = (
+        "routed"  # experts(h, top_k_index, top_k_weights) | experts(h stacked by expert)
+    )
     group_key: str | None = None  # config key of the number of expert groups (group-limited routing)
     group_active: str | None = None  # config (key, value) "key=value" under which groups are used
     shared_attrs: tuple[str, ...] = ()  # shared experts, left untouched
@@ -48,5 +50,12 @@ class MoEFamily:
         d = asdict(self)
         return {
             k: d[k]
-            for k in ("block_attr", "block_classes", "router_tensors", "expert_tensors", "count_attrs", "layers_path")
+            for k in (
+                "block_attr",
+                "block_classes",
+                "router_tensors",
+                "expert_tensors",
+                "count_attrs",
+                "layers_path",
+            )
         }

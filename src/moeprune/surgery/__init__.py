@@ -5,4 +5,12 @@ from .masking import mask_experts
 from .plan import ExpertPlan, validate_plan
 from .prune import remove_experts_
 
-__all__ = ["MANIFEST", "ExpertPlan", "load", "mask_experts", "remove_experts_", "save_pruned", "validate_plan"]
+__all__ = [
+    "MANIFEST",
+    "ExpertPlan",
+    "load",
+    "mask_experts",
+    "remove_experts_",
+    "save_pruned",
+    "validate_plan",
+]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..arch import family_of
@@ -96,20 +96,38 @@ def save_pruned(
     return atomic_directory(out_dir, overwrite, write)
 
 
+def _read_config(path: str | os.PathLike):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedModelError(
+            f"cannot read a model config from '{path}': {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _model_class(config) -> type:
+    """The stock causal-LM class, or its resizable subclass for non-uniform moeprune checkpoints."""
+    family = family_of(config)  # a clear error for dense or unknown families
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if getattr(config.get_text_config(), "num_experts_per_layer", None) is None:
+        return base
+    return slicing.resizable_class(base, family.slicing_spec())
+
+
+def skeleton(path: str | os.PathLike) -> PreTrainedModel:
+    """The model's module structure on the meta device (no weights): validate plans before loading."""
+    config = _read_config(path)
+    cls = _model_class(config)
+    with torch.device("meta"):
+        return cls(config)
+
+
 def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
     """Load any checkpoint moeprune reads or writes (hub id or directory), without remote code.
 
     Non-uniform moeprune checkpoints (``num_experts_per_layer`` in the config) are rebuilt with the
     same slicing code that ``modeling_moeprune.py`` carries.
     """
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(f"cannot load a model config from '{path}': {str(e).splitlines()[0]}") from None
+    config = _read_config(path)
     kwargs.setdefault("dtype", dtype if dtype is not None else "auto")
-    if getattr(config.get_text_config(), "num_experts_per_layer", None) is None:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs).eval()
-    family_of(config)  # a clear error for unknown families
-    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    cls = slicing.resizable_class(base, family_of(config).slicing_spec())
-    return cls.from_pretrained(path, config=config, **kwargs).eval()
+    return _model_class(config).from_pretrained(path, config=config, **kwargs).eval()

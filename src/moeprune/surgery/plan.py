@@ -41,7 +41,9 @@ class ExpertPlan:
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"plan file {path} is not valid JSON ({e}); expected {{\"removed\": {{\"0\": [3, 5]}}}}") from None
+            raise PlanError(
+                f'plan file {path} is not valid JSON ({e}); expected {{"removed": {{"0": [3, 5]}}}}'
+            ) from None
         try:
             parsed = _PlanFile.model_validate(raw)
         except ValidationError as e:
@@ -71,22 +73,24 @@ def validate_plan(model, plan: ExpertPlan, layers: list[MoELayer] | None = None)
     by_index = {layer.index: layer for layer in layers}
     for index in plan.removed:
         if index not in by_index:
-            raise PlanError(
-                f"layer {index} is not an MoE layer; MoE layers are {_ranges(sorted(by_index))}"
-            )
+            raise PlanError(f"layer {index} is not an MoE layer; MoE layers are {_ranges(sorted(by_index))}")
     kept: dict[int, list[int]] = {}
     for index, layer in by_index.items():
         removed = list(plan.removed.get(index, ()))
         n = layer.num_experts
         bad = [e for e in removed if not 0 <= e < n]
         if bad:
-            raise PlanError(f"layer {index}: expert id {bad[0]} is out of range (the layer has experts 0..{n - 1})")
+            raise PlanError(
+                f"layer {index}: expert id {bad[0]} is out of range (the layer has experts 0..{n - 1})"
+            )
         if len(set(removed)) != len(removed):
             dup = next(e for e in removed if removed.count(e) > 1)
             raise PlanError(f"layer {index}: expert {dup} is listed twice")
         left = n - len(removed)
         if left == 0:
-            raise PlanError(f"layer {index}: the plan removes every expert; keep at least top_k={layer.top_k}")
+            raise PlanError(
+                f"layer {index}: the plan removes every expert; keep at least top_k={layer.top_k}"
+            )
         if left < layer.top_k:
             raise PlanError(
                 f"layer {index}: {left} experts would remain but the router picks top_k={layer.top_k}; "

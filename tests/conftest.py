@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models per family (session-scoped) and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Save (once per session) a tiny model of a family to disk; returns its directory."""
+    cache: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in cache:
+            path = tmp_path_factory.mktemp(model_type)
+            tiny_model(model_type).save_pretrained(path)
+            cache[model_type] = path
+        return cache[model_type]
+
+    return make
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run ``moeprune ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from moeprune.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop what fixtures printed before the command
+        monkeypatch.setattr(sys, "argv", ["moeprune", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
