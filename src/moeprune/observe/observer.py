@@ -1,0 +1,258 @@
+"""One calibration pass that records `ExpertStats`, running each expert only on its routed tokens.
+
+`Observer` owns every hook and patch it installs and removes them on exit, even on error:
+
+- a forward hook on each router reads the router decision (`decode_router_output`);
+- for families whose fused experts take ``(hidden, top_k_index, top_k_weights)`` ("routed"), the
+  experts call is wrapped: it runs once on the T*k (token, expert) pairs with unit weights, giving
+  every a_i(x), and returns ``sum_j g_j(x) a_j(x)`` summed over the top-k exactly as transformers'
+  grouped kernel does. No expert runs twice, so the pass costs about one plain forward;
+- for families that call the experts on stacked, input-scaled rows (Llama 4), the router hook runs
+  `expert_outputs` on the routed pairs (a_i(x), and c_i(x) = a_i(g_i x)) next to the model's own call.
+
+Only when a dense subsample is asked for (``dense_tokens > 0``, MoP) are ALL experts run, on that
+subsample of tokens only. Padding (attention mask 0) never enters any statistic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import MoELayer, RouterDecision, decode_router_output, expert_outputs, moe_layers
+from ..data import TokenSet
+from .stats import ExpertStats, LayerStats
+
+LN2 = math.log(2.0)
+
+
+class Observer:
+    """Hooks that accumulate `LayerStats` for every MoE layer while the model runs forward.
+
+    Use as a context manager; call `set_batch` before each forward with the batch's masks.
+    """
+
+    def __init__(self, model: nn.Module, dense: bool = False) -> None:
+        self.model = model
+        self.layers = moe_layers(model)
+        self.dense = dense
+        self.stats = {
+            layer.index: LayerStats(
+                index=layer.index,
+                num_experts=layer.num_experts,
+                top_k=layer.top_k,
+                num_groups=layer.num_groups,
+                topk_groups=layer.topk_groups,
+            )
+            for layer in self.layers
+        }
+        self._dense_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+            layer.index: [] for layer in self.layers
+        }
+        self._handles: list = []
+        self._patched: list[nn.Module] = []
+        self._decision: dict[int, RouterDecision] = {}
+        self._reentrant = False
+        self._valid: torch.Tensor | None = None  # (T,) bool
+        self._dense_sel: torch.Tensor | None = None  # (T,) bool
+        self._domain: torch.Tensor | None = None  # (T,) int64
+
+    # ----------------------------------------------------------------- hooks
+    def __enter__(self) -> Observer:
+        try:
+            for layer in self.layers:
+                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
+                if layer.family.experts_call == "routed":
+                    experts = layer.experts
+                    original = experts.forward
+                    experts.forward = self._experts_forward(layer, original)
+                    self._patched.append(experts)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for experts in self._patched:
+            experts.__dict__.pop("forward", None)
+        self._handles, self._patched = [], []
+        self._decision.clear()
+
+    def set_batch(self, attention_mask: torch.Tensor, dense_mask: torch.Tensor, domain: torch.Tensor) -> None:
+        """Masks of the next forward, each (B, L): real tokens, dense-subsample tokens, domain index."""
+        self._valid = attention_mask.reshape(-1).bool()
+        self._dense_sel = (dense_mask.reshape(-1).bool() & self._valid) if self.dense else None
+        self._domain = domain.reshape(-1)
+
+    def _router_hook(self, layer: MoELayer):
+        def hook(module, args, output):
+            if self._reentrant:
+                return
+            decision = decode_router_output(layer, output)
+            if layer.family.experts_call == "routed":
+                self._decision[layer.index] = decision
+                return
+            x = args[0].reshape(-1, args[0].shape[-1])  # (T, H)
+            t, k = decision.indices.shape
+            ids = decision.indices.reshape(-1)  # (T*k,)
+            rows = x.repeat_interleave(k, dim=0)  # (T*k, H)
+            self._reentrant = True
+            try:
+                a = expert_outputs(layer, rows, ids).view(t, k, -1)  # (T, k, H)
+                w = decision.weights.reshape(-1, 1).to(rows.dtype)
+                c = expert_outputs(layer, rows * w, ids).view(t, k, -1)  # (T, k, H) = a_i(g_i x)
+                self._accumulate(layer, x, decision, a, c)
+            finally:
+                self._reentrant = False
+
+        return hook
+
+    def _experts_forward(self, layer: MoELayer, original):
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            if self._reentrant:
+                return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            t, k = top_k_index.shape
+            rows = hidden_states.repeat_interleave(k, dim=0)  # (T*k, H): token t's k pairs together
+            ones = torch.ones(t * k, 1, dtype=top_k_weights.dtype, device=rows.device)
+            a = original(rows, top_k_index.reshape(-1, 1), ones).view(t, k, -1)  # (T, k, H)
+            c = a * top_k_weights.unsqueeze(-1)  # (T, k, H) = g_i(x) a_i(x), as the kernels weight it
+            decision = self._decision.pop(layer.index)
+            self._reentrant = True
+            try:
+                self._accumulate(layer, hidden_states, decision, a, c)
+            finally:
+                self._reentrant = False
+            return c.sum(dim=1).to(hidden_states.dtype)  # (T, H)
+
+        return forward
+
+    # ------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def _accumulate(
+        self, layer: MoELayer, x: torch.Tensor, decision: RouterDecision, a: torch.Tensor, c: torch.Tensor
+    ) -> None:
+        """Add one batch: x (T, H), a and c (T, k, H), decision (T, k) / (T, E). Formulas: stats.py."""
+        if self._valid is None or self._valid.numel() != x.shape[0]:
+            raise RuntimeError("Observer.set_batch() must describe the batch the model is running")
+        st = self.stats[layer.index]
+        e = st.num_experts
+        valid = self._valid.to(x.device)
+        idx = decision.indices[valid]  # (V, k)
+        w = decision.weights[valid].double()  # (V, k)
+        a_v, c_v = a[valid].double(), c[valid].double()  # (V, k, H)
+        flat = idx.reshape(-1).cpu()  # (V*k,)
+        norms = a_v.norm(dim=-1)  # (V, k) ||a_i(x)||
+        st.tokens += int(idx.shape[0])
+        st.count += torch.bincount(flat, minlength=e).double()
+        st.gate_sum.index_add_(0, flat, w.reshape(-1).cpu())
+        st.norm_sum.index_add_(0, flat, norms.reshape(-1).cpu())
+        st.gnorm_sum.index_add_(0, flat, (w * norms).reshape(-1).cpu())
+        p = torch.softmax(decision.logits[valid].double(), dim=-1)  # (V, E) router softmax
+        st.prob_sum += p.sum(0).cpu()
+        st.plogp_sum += (torch.xlogy(p, p).sum(0) / LN2).cpu()  # sum p log2 p (0 log 0 = 0)
+        pair = torch.einsum("tah,tbh->tab", c_v, c_v)  # (V, k, k) c_a . c_b
+        k = idx.shape[1]
+        rows = idx[:, :, None].expand(-1, -1, k).reshape(-1).cpu()
+        cols = idx[:, None, :].expand(-1, k, -1).reshape(-1).cpu()
+        st.gram.index_put_((rows, cols), pair.reshape(-1).cpu(), accumulate=True)
+        if self._dense_sel is not None:
+            self._dense(layer, x, c)
+
+    def _dense(self, layer: MoELayer, x: torch.Tensor, c: torch.Tensor) -> None:
+        """All E experts on the subsample tokens: err (n, E) = ||z(x) - a_i(x)||^2."""
+        sel = self._dense_sel.to(x.device)
+        n = int(sel.sum())
+        if n == 0:
+            return
+        e = layer.num_experts
+        xs = x[sel]  # (n, H)
+        rows = xs.repeat(e, 1)  # (E*n, H), expert-major
+        ids = torch.arange(e, device=x.device).repeat_interleave(n)  # (E*n,)
+        a_all = expert_outputs(layer, rows, ids).view(e, n, -1).transpose(0, 1).double()  # (n, E, H)
+        z = c[sel].double().sum(dim=1)  # (n, H) layer output of the routed experts
+        err = (z[:, None, :] - a_all).pow(2).sum(-1)  # (n, E)
+        self._dense_parts[layer.index].append((xs.float().cpu(), err.cpu(), self._domain[sel.cpu()].cpu()))
+
+    def result(self) -> dict[int, LayerStats]:
+        """The accumulated statistics (dense parts concatenated)."""
+        for index, parts in self._dense_parts.items():
+            if parts:
+                st = self.stats[index]
+                st.dense_hidden = torch.cat([p[0] for p in parts])
+                st.dense_err = torch.cat([p[1] for p in parts])
+                st.dense_domain = torch.cat([p[2] for p in parts])
+        return self.stats
+
+
+def dense_subsample(data: TokenSet, dense_tokens: int, seed: int) -> torch.Tensor:
+    """(B, L) bool: `dense_tokens` real tokens drawn uniformly without replacement (seeded)."""
+    mask = torch.zeros_like(data.attention_mask, dtype=torch.bool)
+    positions = data.attention_mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    n = min(dense_tokens, positions.numel())
+    if n > 0:
+        pick = np.random.default_rng(seed).choice(positions.numel(), size=n, replace=False)
+        mask.view(-1)[positions[torch.as_tensor(pick)]] = True
+    return mask
+
+
+@contextmanager
+def observing(model: nn.Module, dense: bool = False) -> Iterator[Observer]:
+    """``with observing(model) as obs:`` hooks installed for the block, removed after (even on error)."""
+    with Observer(model, dense=dense) as obs:
+        yield obs
+
+
+@torch.no_grad()
+def observe(
+    model: nn.Module,
+    data: TokenSet,
+    *,
+    batch_size: int = 8,
+    dense_tokens: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> ExpertStats:
+    """Run `data` through `model` once and return the `ExpertStats` of every MoE layer.
+
+    ``dense_tokens`` > 0 also records, on that many seeded random tokens, every expert's output error
+    (for MoP). Runs on the model's device; statistics live on the CPU in float64.
+    """
+    device = next(model.parameters()).device
+    dense_mask = dense_subsample(data, dense_tokens, seed)  # (B, L)
+    names = data.domain_names
+    sample_domain = torch.tensor([names.index(d) for d in data.domains], dtype=torch.long)  # (B,)
+    domain = sample_domain[:, None].expand_as(data.attention_mask)  # (B, L)
+    was_training = model.training
+    model.eval()
+    try:
+        with observing(model, dense=dense_tokens > 0) as obs:
+            starts = range(0, len(data), batch_size)
+            for s in tqdm(starts, desc="observe", unit="batch", disable=not progress):
+                sl = slice(s, s + batch_size)
+                mask = data.attention_mask[sl]
+                obs.set_batch(mask, dense_mask[sl], domain[sl])
+                model(
+                    input_ids=data.input_ids[sl].to(device), attention_mask=mask.to(device), use_cache=False
+                )
+            layers = obs.result()
+    finally:
+        model.train(was_training)
+    meta = {
+        "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model_type": model.config.get_text_config().model_type,
+        "data_fingerprint": data.fingerprint,
+        "num_samples": len(data),
+        "num_tokens": data.num_tokens,
+        "domain_names": names,
+        "dense_tokens": int(dense_mask.sum()),
+    }
+    return ExpertStats(layers=layers, meta=meta)
