@@ -181,12 +181,18 @@ class CandidateEvaluator:
     def evaluate(self, plan: ExpertPlan | dict) -> FitnessResult:
         """Fitness of `plan` = mean over the search set's scored tokens (see `metrics`)."""
         t0 = time.perf_counter()
-        all_logits = self.candidate_logits(plan)
+        result = self.score_logits(self.candidate_logits(plan))
+        self.stats.evaluations += 1
+        self.stats.eval_seconds += time.perf_counter() - t0
+        return result
+
+    @torch.inference_mode()
+    def score_logits(self, all_logits: list[torch.Tensor]) -> FitnessResult:
+        """Fitness of any model's logits [(B, L, V)] on the search batches against the teacher."""
         total, lower, upper, n = 0.0, 0.0, 0.0, 0
         has_lower = has_upper = False
-        for logits, pos, labels, teacher in zip(
-            all_logits, self.positions, self.labels, self.teacher.slices, strict=True
-        ):
+        parts = zip(all_logits, self.positions, self.labels, self.teacher.slices, strict=True)
+        for logits, pos, labels, teacher in parts:
             logq = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[pos].float(), dim=-1)  # (n_b, V)
             value, lo, up = self.fitness.fn(logq, teacher, labels)
             total += float(value.double().sum())
@@ -195,8 +201,6 @@ class CandidateEvaluator:
             if up is not None:
                 has_upper, upper = True, upper + float(up.double().sum())
             n += int(pos.numel())
-        self.stats.evaluations += 1
-        self.stats.eval_seconds += time.perf_counter() - t0
         value = total / n
         return FitnessResult(
             name=self.fitness.name,

@@ -1,0 +1,161 @@
+"""ESAP / KL / NLL, teacher caches, candidate masking vs structural pruning, layer-resumed forwards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moeprune.arch import moe_layers
+from moeprune.errors import RegistryError
+from moeprune.fitness import (
+    FITNESS,
+    CandidateEvaluator,
+    SearchSet,
+    TeacherSlice,
+    speculative_acceptance,
+    teacher_slice,
+)
+from moeprune.fitness.metrics import esap
+from moeprune.surgery import ExpertPlan, mask_experts, remove_experts_
+from tiny_models import FAMILIES, tiny_model
+
+
+def search_set(seed: int = 0, n: int = 4, length: int = 12) -> SearchSet:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    return SearchSet.from_tensors(ids, mask, batch_size=2)
+
+
+def some_plan(model, seed: int = 0, share: float = 0.5) -> ExpertPlan:
+    """Remove a seeded share of each MoE layer (group-limited layers: the same number per group)."""
+    g = torch.Generator().manual_seed(seed)
+    removed = {}
+    for layer in moe_layers(model):
+        e, groups = layer.num_experts, layer.num_groups
+        size = e // groups
+        per_group = min(int(size * share), size - max(1, -(-layer.top_k // layer.topk_groups)))
+        removed[layer.index] = [
+            grp * size + int(i)
+            for grp in range(groups)
+            for i in torch.randperm(size, generator=g)[:per_group]
+        ]
+    return ExpertPlan.from_removed(removed)
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return tiny_model("mixtral")
+
+
+def test_esap_hand_computed():
+    # p: teacher, q: draft; ESAP_t = 1 - TV = sum min(p, q)
+    p = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])
+    # TV_1 = (0.3 + 0 + 0.3) / 2 = 0.3, TV_2 = (0.5 + 0.5) / 2 = 0.5  -> ESAP = 1 - 0.4 = 0.6
+    value, _, _ = esap(q.clamp_min(1e-30).log(), TeacherSlice(probs=p), torch.zeros(2, dtype=torch.long))
+    assert value.mean().item() == pytest.approx(0.6, abs=1e-6)
+    # top-1 sparse cache: K = {argmax p}; lower = min(p_K, q_K), upper adds min(p_tail, q_tail)
+    _, lower, upper = esap(
+        q.clamp_min(1e-30).log(), teacher_slice(p.log(), "sparse", 1), torch.zeros(2, dtype=torch.long)
+    )
+    assert lower.tolist() == pytest.approx([0.2, 0.5], abs=1e-6)
+    assert upper.tolist() == pytest.approx([0.2 + 0.5, 0.5 + 0.0], abs=1e-6)
+    assert (lower <= value + 1e-6).all() and (value <= upper + 1e-6).all()
+
+
+def test_unpruned_esap_is_one(mixtral):
+    s = search_set()
+    for cache in ("dense", "sparse"):
+        r = CandidateEvaluator(mixtral, s, cache=cache, top_k=8).evaluate({})
+        assert r.value == pytest.approx(1.0, abs=1e-5)
+    kl = CandidateEvaluator(mixtral, s, fitness="kl_teacher_draft", cache="dense").evaluate({})
+    assert kl.value == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sparse_bound_contains_dense(mixtral):
+    s = search_set()
+    dense = CandidateEvaluator(mixtral, s, cache="dense")
+    sparse = CandidateEvaluator(mixtral, s, cache="sparse", top_k=16)
+    assert sparse.teacher.nbytes() < dense.teacher.nbytes() / 3
+    for seed in range(3):
+        plan = some_plan(mixtral, seed)
+        d, sp = dense.evaluate(plan), sparse.evaluate(plan)
+        assert sp.lower - 1e-6 <= d.value <= sp.upper + 1e-6
+        assert d.value < 1.0
+
+
+@pytest.mark.parametrize(
+    "family, fitness",
+    [("mixtral", "esap"), ("deepseek_v3", "esap"), ("gpt_oss", "esap"), ("llama4_text", "esap")]
+    + [("mixtral", "kl_teacher_draft"), ("mixtral", "kl_draft_teacher"), ("mixtral", "nll")],
+)
+def test_masked_fitness_equals_structurally_pruned(family, fitness):
+    model = tiny_model(family)
+    s = search_set()
+    ev = CandidateEvaluator(model, s, fitness=fitness, cache="dense")
+    plan = some_plan(model, seed=1)
+    masked = ev.evaluate(plan)
+    pruned = copy.deepcopy(model)
+    remove_experts_(pruned, plan)
+    with torch.inference_mode():
+        logits = [pruned(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in s.batches]
+    assert ev.score_logits(logits).value == pytest.approx(masked.value, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_resumed_forward_equals_full_forward(family):
+    model = tiny_model(family)
+    s = search_set(n=2)
+    ev = CandidateEvaluator(model, s, cache="dense")
+    with torch.inference_mode():
+        full = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in s.batches]
+    for got, want in zip(ev.candidate_logits({}), full, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # two candidates that differ only in the last MoE layer: the second restarts there
+    layers = moe_layers(model)
+    first = some_plan(model, seed=2)
+    last = layers[-1]
+    second = dict(first.removed)
+    second[last.index] = ()
+    ev.candidate_logits(first)
+    run_before = ev.stats.layers_run
+    got = ev.candidate_logits(second)
+    assert ev.stats.layers_run - run_before == len(ev.replay.layers) - last.index
+    with torch.inference_mode(), mask_experts(model, ExpertPlan.from_removed(second)):
+        want = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in s.batches]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
+def test_reuse_gives_identical_scores(mixtral):
+    s = search_set()
+    fast = CandidateEvaluator(mixtral, s, cache="dense")
+    slow = CandidateEvaluator(mixtral, s, cache="dense", reuse=False, full_forward=True)
+    plans = [some_plan(mixtral, seed) for seed in range(3)]
+    plans.append({**plans[0].removed, 2: ()})
+    for plan in plans:
+        assert fast.evaluate(plan).value == pytest.approx(slow.evaluate(plan).value, abs=1e-6)
+    assert fast.stats.layers_run < slow.stats.layers_run
+    assert fast.stats.hits >= 1
+
+
+def test_fitness_registry_did_you_mean():
+    assert set(FITNESS.names()) == {"esap", "kl_teacher_draft", "kl_draft_teacher", "nll"}
+    with pytest.raises(RegistryError, match="did you mean 'esap'"):
+        FITNESS.get("esapp")
+
+
+def test_speculative_acceptance(mixtral):
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    full = speculative_acceptance(mixtral, {}, prompts, gamma=3, max_new_tokens=6)
+    assert full.rate == 1.0 and full.proposed == 10  # rounds of 3 proposals + 1 target token
+    pruned = speculative_acceptance(
+        mixtral, some_plan(mixtral, 0, share=0.75), prompts, gamma=3, max_new_tokens=6
+    )
+    assert 0.0 <= pruned.rate < 1.0
+    # the output is the target's greedy continuation whatever the draft
+    assert pruned.generated == full.generated
