@@ -11,7 +11,18 @@ from .arch import family_of, moe_layers
 from .surgery import ExpertPlan, load, remove_experts_, save_pruned, validate_plan
 from .surgery.checkpoint import skeleton
 
-__all__ = ["ExpertPlan", "check_model", "load", "load_tokenizer", "manifest", "prune", "save"]
+__all__ = [
+    "ExpertPlan",
+    "check_model",
+    "criterion_plan",
+    "load",
+    "load_tokenizer",
+    "manifest",
+    "observe",
+    "prune",
+    "prune_by_criterion",
+    "save",
+]
 
 
 def check_model(name_or_path: str | Path, plan: ExpertPlan | None = None) -> None:
@@ -67,3 +78,143 @@ def save(
 def expert_counts(model: PreTrainedModel) -> dict[int, int]:
     """Routed experts per MoE decoder layer."""
     return {layer.index: layer.num_experts for layer in moe_layers(model)}
+
+
+# --- observe once, rank experts (issue 4) -------------------------------------------------------
+
+
+def load_calibration(
+    data: str | Path,
+    tokenizer,
+    *,
+    text_field: str = "text",
+    domain_field: str | None = "domain",
+    split: str = "train",
+    data_config: str | None = None,
+    seq_len: int = 512,
+    num_samples: int | None = None,
+    per_domain: bool = False,
+    seed: int = 0,
+):
+    """A `moeprune.data.TokenSet` from a local file or hub dataset (see `moeprune.data`)."""
+    from .data import load_data
+    from .errors import DataError
+
+    if tokenizer is None:
+        raise DataError("the model has no tokenizer, so text data cannot be tokenised")
+    return load_data(
+        data,
+        tokenizer,
+        seq_len=seq_len,
+        num_samples=num_samples,
+        per_domain=per_domain,
+        seed=seed,
+        text_field=text_field,
+        domain_field=domain_field,
+        split=split,
+        config=data_config,
+    )
+
+
+def observe(
+    model: PreTrainedModel,
+    data,
+    *,
+    criteria: list[str] | tuple[str, ...] | None = None,
+    dense_tokens: int = 2048,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+):
+    """One calibration pass over `data` (a `TokenSet`) -> `ExpertStats`, saved to `out_dir` if given.
+
+    The dense token subsample (``dense_tokens`` tokens, every expert) is recorded only when one of
+    `criteria` needs it (None = every registered criterion, so MoP included).
+    """
+    from .criteria import CRITERIA
+    from .observe import observe as run_observe
+    from .surgery.checkpoint import atomic_directory, check_output_dir
+
+    names = list(CRITERIA.names()) if criteria is None else list(criteria)
+    dense = any(CRITERIA.get(n).needs_dense for n in names)
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite)
+    stats = run_observe(
+        model,
+        data,
+        batch_size=batch_size,
+        dense_tokens=dense_tokens if dense else 0,
+        seed=seed,
+        progress=progress,
+    )
+    from .criteria import supported_criteria
+
+    stats.meta["criteria_supported"] = supported_criteria(stats)
+    if out_dir is not None:
+        atomic_directory(out_dir, overwrite, stats.save)
+    return stats
+
+
+def check_stats(model: PreTrainedModel, stats) -> None:
+    """Statistics must describe `model`'s MoE layers (same layer indices and expert counts)."""
+    from .errors import MoepruneError
+
+    have = {i: ls.num_experts for i, ls in stats.layers.items()}
+    want = expert_counts(model)
+    if have != want:
+        raise MoepruneError(
+            f"the expert statistics (of '{stats.meta.get('model', '?')}') do not fit this model: "
+            f"experts per MoE layer {have} vs {want}"
+        )
+
+
+def criterion_plan(
+    stats,
+    criterion: str,
+    *,
+    sparsity: float | None = None,
+    counts: dict[int, int] | None = None,
+    seed: int = 0,
+    **options,
+) -> ExpertPlan:
+    """The experts `criterion` removes: uniform `sparsity` (same count in every MoE layer, rounded to
+    the router's groups, top_k kept) or explicit per-layer `counts`."""
+    from .criteria import choose_removed, uniform_counts
+    from .errors import MoepruneError
+
+    if (sparsity is None) == (counts is None):
+        raise MoepruneError("give exactly one of sparsity or counts")
+    counts = uniform_counts(stats, sparsity) if counts is None else counts
+    return choose_removed(stats, criterion, counts, seed, **options)
+
+
+def prune_by_criterion(
+    model: PreTrainedModel,
+    criterion: str,
+    *,
+    stats=None,
+    data=None,
+    sparsity: float | None = None,
+    counts: dict[int, int] | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    **options,
+) -> tuple[ExpertPlan, dict[int, list[int]]]:
+    """Prune `model` in place by `criterion`; statistics from `stats` or one pass over `data`
+    (a `TokenSet`). Returns the plan and the kept original expert ids per MoE layer."""
+    from .criteria import get_criterion
+    from .errors import MoepruneError
+
+    get_criterion(criterion)
+    if stats is None:
+        if data is None:
+            raise MoepruneError("criterion pruning needs calibration data or saved expert statistics")
+        stats = observe(
+            model, data, criteria=[criterion], batch_size=batch_size, seed=seed, progress=progress
+        )
+    check_stats(model, stats)
+    plan = criterion_plan(stats, criterion, sparsity=sparsity, counts=counts, seed=seed, **options)
+    return plan, prune(model, plan)

@@ -34,6 +34,116 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+CriterionOpt = Annotated[
+    str | None, typer.Option("--criterion", help="Within-layer criterion (frequency, reap, naee, mop, ...).")
+]
+SparsityOpt = Annotated[
+    float | None, typer.Option("--sparsity", help="Fraction of routed experts removed in every MoE layer.")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="Calibration data: .jsonl/.json/.parquet/.txt file or hub dataset."),
+]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Field of a data row that holds its text.")]
+StatsOpt = Annotated[
+    Path | None,
+    typer.Option("--stats", help="Expert statistics from `moeprune observe` (skips calibration)."),
+]
+NumSamplesOpt = Annotated[int, typer.Option("--num-samples", help="Calibration samples (seeded draw).")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample (rows are packed).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, random criterion and K-means.")]
+
+
+def _calibration(api, model: str, data: str, text_field: str, num_samples: int, seq_len: int, seed: int):
+    """Tokenised calibration data (every data error raised here, before model weights load)."""
+    return api.load_calibration(
+        data,
+        api.load_tokenizer(model),
+        text_field=text_field,
+        seq_len=seq_len,
+        num_samples=num_samples,
+        seed=seed,
+    )
+
+
+def _criterion_plan(api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed):
+    """Validate every input, then load the model, observe (unless --stats) and choose the plan."""
+    from .criteria import get_criterion, uniform_counts
+    from .observe import ExpertStats
+
+    get_criterion(criterion)
+    if sparsity is None:
+        fail("--criterion needs --sparsity (fraction of routed experts removed in every MoE layer)")
+    if not 0.0 <= sparsity < 1.0:
+        fail(f"--sparsity must be in [0, 1), got {sparsity}")
+    if stats is None and data is None:
+        fail("--criterion needs calibration data (--data FILE_OR_HUB_ID) or statistics (--stats DIR)")
+    api.check_model(model)
+    expert_stats = ExpertStats.load(stats) if stats is not None else None
+    if expert_stats is not None:
+        get_criterion(criterion, expert_stats)
+    tokens = (
+        _calibration(api, model, data, text_field, num_samples, seq_len, seed)
+        if expert_stats is None
+        else None
+    )
+    loaded = api.load(model)
+    counts = api.expert_counts(loaded)
+    if expert_stats is None:
+        expert_stats = api.observe(loaded, tokens, criteria=[criterion], seed=seed)
+    api.check_stats(loaded, expert_stats)
+    plan = api.criterion_plan(
+        expert_stats, criterion, counts=uniform_counts(expert_stats, sparsity), seed=seed
+    )
+    return plan, loaded, counts
+
+
+@app.command()
+def observe(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="Calibration data: local file or hub dataset name.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the expert statistics.")],
+    text_field: TextFieldOpt = "text",
+    num_samples: NumSamplesOpt = 128,
+    seq_len: SeqLenOpt = 512,
+    criteria: Annotated[
+        str, typer.Option("--criteria", help="Comma-separated criteria to support ('all' includes mop).")
+    ] = "all",
+    dense_tokens: Annotated[
+        int, typer.Option("--dense-tokens", help="Tokens on which every expert runs (only for mop).")
+    ] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 8,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run calibration data through MODEL once and save per-expert statistics for `prune --stats`."""
+    from . import api
+    from .criteria import get_criterion
+    from .surgery.checkpoint import check_output_dir
+
+    check_output_dir(out, overwrite)
+    names = None if criteria.strip() == "all" else [c.strip() for c in criteria.split(",") if c.strip()]
+    for name in names or []:
+        get_criterion(name)
+    api.check_model(model)
+    tokens = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
+    loaded = api.load(model)
+    stats = api.observe(
+        loaded,
+        tokens,
+        criteria=names,
+        dense_tokens=dense_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        out_dir=out,
+        overwrite=overwrite,
+    )
+    console.print(
+        f"observed {stats.meta['num_tokens']} tokens in {len(stats.layers)} MoE layers -> {out} "
+        f"(criteria: {', '.join(stats.meta['criteria_supported'])})"
+    )
+
+
 @app.command()
 def prune(
     model: ModelArg,
@@ -43,6 +153,14 @@ def prune(
         typer.Option("--plan", help='JSON file {"removed": {"<layer index>": <list of expert ids>}}.'),
     ] = None,
     overwrite: OverwriteOpt = False,
+    criterion: CriterionOpt = None,
+    sparsity: SparsityOpt = None,
+    data: DataOpt = None,
+    text_field: TextFieldOpt = "text",
+    stats: StatsOpt = None,
+    num_samples: NumSamplesOpt = 128,
+    seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
 ) -> None:
     """Remove experts from MODEL and write a smaller checkpoint to --out."""
     from . import api
@@ -50,12 +168,19 @@ def prune(
     from .surgery.checkpoint import check_output_dir
 
     check_output_dir(out, overwrite)
-    if plan is None:
-        fail("say which experts to remove: --plan PLAN.json")
-    expert_plan = ExpertPlan.from_json(plan)
-    api.check_model(model, expert_plan)
-    loaded = api.load(model)
-    counts = api.expert_counts(loaded)
+    if plan is None and criterion is None:
+        fail("say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE")
+    if plan is not None and criterion is not None:
+        fail("give either --plan or --criterion, not both")
+    if criterion is not None:
+        expert_plan, loaded, counts = _criterion_plan(
+            api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed
+        )
+    else:
+        expert_plan = ExpertPlan.from_json(plan)
+        api.check_model(model, expert_plan)
+        loaded = api.load(model)
+        counts = api.expert_counts(loaded)
     kept = api.prune(loaded, expert_plan)
     path = api.save(
         loaded,
@@ -66,6 +191,7 @@ def prune(
         tokenizer=api.load_tokenizer(model),
         overwrite=overwrite,
         plan=expert_plan.to_dict(),
+        **({"criterion": criterion, "sparsity": sparsity} if criterion is not None else {}),
     )
     left = sum(len(v) for v in kept.values())
     console.print(f"pruned {sum(counts.values()) - left} of {sum(counts.values())} routed experts -> {path}")

@@ -136,7 +136,12 @@ def _encode(row: Row, tokenizer) -> tuple[list[int], list[bool]]:
     for n, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:n], tokenize=False)) if n else 0
+        # the assistant header (generation prompt) is not scored, its content and end marker are
+        start = (
+            len(tokenizer.apply_chat_template(messages[:n], tokenize=False, add_generation_prompt=True))
+            if n
+            else 0
+        )
         end = len(tokenizer.apply_chat_template(messages[: n + 1], tokenize=False))
         spans.append((start, end))
     try:
