@@ -1,0 +1,23 @@
+"""Evaluation: per-domain perplexity, greedy generation exact match, multiple-choice log-likelihood.
+
+``evaluate_suite(model, tokenizer)`` runs the bundled testbed suite; ``format_table`` renders results.
+"""
+
+from .generation import generation_exact_match, greedy_generate
+from .multiple_choice import multiple_choice_accuracy, option_logprobs
+from .perplexity import perplexity_by_domain
+from .report import format_table, write_json
+from .suite import default_suite_dir, evaluate_suite, read_jsonl
+
+__all__ = [
+    "default_suite_dir",
+    "evaluate_suite",
+    "format_table",
+    "generation_exact_match",
+    "greedy_generate",
+    "multiple_choice_accuracy",
+    "option_logprobs",
+    "perplexity_by_domain",
+    "read_jsonl",
+    "write_json",
+]

@@ -1,0 +1,36 @@
+"""Render evaluation results as a rich table and write them as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+
+def format_table(results: dict, title: str = "Evaluation") -> Table:
+    """One row per metric: perplexity per domain (with the unigram baseline when known),
+    generation exact match, multiple-choice accuracy."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("baseline", justify="right")
+    uni = results.get("baseline", {}).get("unigram_ppl", {})
+    for dom, r in results.get("perplexity", {}).items():
+        base = f"{uni[dom]:.1f} (unigram)" if dom in uni else ""
+        table.add_row(f"ppl[{dom}]", f"{r['ppl']:.2f}", base)
+    if "generation" in results:
+        g = results["generation"]
+        table.add_row("generation exact match", f"{100 * g['exact_match']:.1f}%", f"n={g['n']}")
+    if "multiple_choice" in results:
+        m = results["multiple_choice"]
+        table.add_row("multiple-choice accuracy", f"{100 * m['accuracy']:.1f}%", f"n={m['n']}")
+    return table
+
+
+def write_json(results: dict, path: str | Path) -> Path:
+    """Write ``results`` as indented JSON (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
