@@ -22,6 +22,8 @@ __all__ = [
     "prune",
     "prune_by_criterion",
     "save",
+    "search",
+    "search_set",
 ]
 
 
@@ -218,3 +220,92 @@ def prune_by_criterion(
     check_stats(model, stats)
     plan = criterion_plan(stats, criterion, sparsity=sparsity, counts=counts, seed=seed, **options)
     return plan, prune(model, plan)
+
+
+# --- EvoESAP: layer-wise allocation search (issue 5) ---------------------------------------------
+
+
+def search_set(data, batch_size: int = 8):
+    """A `fitness.SearchSet` from a `TokenSet` (or anything with input_ids/attention_mask/score_mask)."""
+    from .fitness import SearchSet
+
+    return SearchSet.from_tensors(
+        data.input_ids, getattr(data, "attention_mask", None), getattr(data, "score_mask", None), batch_size
+    )
+
+
+def search(
+    model: PreTrainedModel,
+    order: dict[int, list[int]],
+    search_data,
+    out_dir: str | Path,
+    *,
+    sparsity: float,
+    source: str | Path = "",
+    tokenizer=None,
+    fitness: str = "esap",
+    cache: str = "sparse",
+    top_k: int = 64,
+    population: int = 32,
+    generations: int = 50,
+    seed: int = 0,
+    checkpoint_every: int = 5,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    save_checkpoint: bool = True,
+    min_remove: dict[int, int] | None = None,
+    max_remove: dict[int, int] | None = None,
+    **extra,
+):
+    """EvoESAP: search per-layer removal counts for `model` under a global `sparsity`, keeping the
+    within-layer removal `order` fixed (``criteria.removal_order``), scored by `fitness` on
+    `search_data` (a `SearchSet` or `TokenSet`). Writes the run files to `out_dir`; with
+    `save_checkpoint`, also prunes `model` in place and saves the non-uniform checkpoint there.
+    Optional per-layer `min_remove`/`max_remove` bound the counts; `extra` goes into
+    ``moeprune.json``. Returns the `allocate.run.SearchOutcome`."""
+    from .allocate import EvoConfig
+    from .allocate.run import STATE_FILE, run_search, write_run_files
+    from .fitness import SearchSet
+
+    if not isinstance(search_data, SearchSet):
+        search_data = search_set(search_data)
+    config = EvoConfig(
+        population=population, generations=generations, seed=seed, checkpoint_every=checkpoint_every
+    )
+    outcome = run_search(
+        model,
+        order,
+        search_data,
+        out_dir,
+        sparsity=sparsity,
+        fitness=fitness,
+        cache=cache,
+        top_k=top_k,
+        config=config,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        min_remove=min_remove,
+        max_remove=max_remove,
+    )
+    if save_checkpoint:
+        out = Path(out_dir)
+        counts = expert_counts(model)
+        kept = prune(model, outcome.plan)
+        record = manifest(
+            source,
+            kept,
+            counts,
+            family=family_of(model.config).model_type,
+            plan=outcome.plan.to_dict(),
+            allocation="evoesap",
+            sparsity=sparsity,
+            search=outcome.plan_json() | {"evaluations": outcome.result.evaluations},
+            **extra,
+        )
+        state = out / STATE_FILE
+        extra_files = {STATE_FILE: state.read_text()} if state.exists() else {}
+        save_pruned(model, out, manifest=record, tokenizer=tokenizer, overwrite=True, extra_files=extra_files)
+        write_run_files(outcome, out, fitness)
+    return outcome

@@ -198,6 +198,94 @@ def prune(
 
 
 @app.command()
+def search(
+    model: ModelArg,
+    criterion: Annotated[
+        str, typer.Option("--criterion", help="Within-layer criterion (frequency, reap, ...).")
+    ],
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of all routed experts removed.")],
+    data: Annotated[
+        str, typer.Option("--data", help="Calibration data (file or hub dataset) for the criterion.")
+    ],
+    search_data: Annotated[
+        str,
+        typer.Option("--search-data", help="Search data (file or hub dataset) the fitness is measured on."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Run directory: pruned checkpoint, plan, history, plots.")
+    ],
+    fitness: Annotated[
+        str, typer.Option("--fitness", help="esap, kl_teacher_draft, kl_draft_teacher, nll.")
+    ] = "esap",
+    population: Annotated[int, typer.Option("--population", help="Plans per generation.")] = 32,
+    generations: Annotated[
+        int, typer.Option("--generations", help="Generations of the evolutionary search.")
+    ] = 50,
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --out.")] = False,
+    overwrite: OverwriteOpt = False,
+    cache: Annotated[
+        str, typer.Option("--cache", help="Teacher cache: sparse (top-K + tail) or dense.")
+    ] = "sparse",
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Teacher probabilities kept per token (sparse).")
+    ] = 64,
+    text_field: TextFieldOpt = "text",
+    num_samples: NumSamplesOpt = 128,
+    seq_len: SeqLenOpt = 512,
+    search_samples: Annotated[
+        int, typer.Option("--search-samples", help="Search samples (seeded draw).")
+    ] = 16,
+    search_seq_len: Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")] = 256,
+) -> None:
+    """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
+    from . import api
+    from .allocate.run import check_run_dir
+    from .criteria import get_criterion, removal_order
+    from .fitness import FITNESS
+
+    check_run_dir(out, resume, overwrite)
+    get_criterion(criterion)
+    FITNESS.get(fitness)
+    if not 0.0 <= sparsity < 1.0:
+        fail(f"--sparsity must be in [0, 1), got {sparsity}")
+    if cache not in ("sparse", "dense"):
+        fail(f"--cache must be 'sparse' or 'dense', got '{cache}'")
+    api.check_model(model)
+    calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
+    tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
+    loaded = api.load(model)
+    stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
+    order = removal_order(stats, criterion, seed)
+    outcome = api.search(
+        loaded,
+        order,
+        tokens,
+        out,
+        sparsity=sparsity,
+        source=model,
+        tokenizer=api.load_tokenizer(model),
+        fitness=fitness,
+        cache=cache,
+        top_k=top_k,
+        population=population,
+        generations=generations,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        criterion=criterion,
+    )
+    b, u = outcome.best_fitness, outcome.uniform_fitness
+    console.print(
+        f"EvoESAP ({criterion}, {fitness}): best {b['value']:.5f} vs uniform {u['value']:.5f}; "
+        f"{outcome.result.evaluations} candidates in {outcome.result.seconds:.1f}s "
+        f"(hidden-state reuse hit rate {outcome.reuse['hit_rate']:.0%}) -> {out} "
+        f"(plan.json, search_history.json, allocation.png, fitness.png)",
+        highlight=False,
+    )
+
+
+@app.command()
 def families() -> None:
     """List the supported MoE families and how each routes tokens."""
     from rich.table import Table
