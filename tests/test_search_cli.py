@@ -1,0 +1,76 @@
+"""`moeprune search`: a run directory with a loadable non-uniform checkpoint; one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeprune.surgery import load
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    tiny_model("qwen3_moe").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "calib.txt").write_text(TEXT)
+    (root / "search.txt").write_text(TEXT[::-1])
+    return root
+
+
+def search_args(root, out, *extra):
+    return (
+        "search", root / "model", "--criterion", "frequency", "--sparsity", "0.5",
+        "--data", root / "calib.txt", "--search-data", root / "search.txt", "--out", out,
+        "--population", "6", "--generations", "2", "--num-samples", "4", "--seq-len", "32",
+        "--search-samples", "2", "--search-seq-len", "32", *extra,
+    )  # fmt: skip
+
+
+def test_search_writes_run_dir_and_checkpoint(run_cli, setup, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*search_args(setup, out))
+    assert code == 0, err
+    for name in ("plan.json", "search_history.json", "allocation.png", "fitness.png", "moeprune.json"):
+        assert (out / name).exists(), name
+    plan = json.loads((out / "plan.json").read_text())
+    assert sum(plan["counts_removed"].values()) == 12  # half of 3 layers x 8 experts
+    history = json.loads((out / "search_history.json").read_text())
+    assert len(history["history"]) == 2 and history["evaluations"] >= 6
+    model = load(out)
+    kept = [8 - n for n in plan["counts_removed"].values()]
+    assert [model.config.num_experts_per_layer[i] for i in range(3)] == kept or len(set(kept)) == 1
+    # resuming a finished run changes nothing
+    code, _, err = run_cli(*search_args(setup, out, "--resume"))
+    assert code == 0, err
+    assert json.loads((out / "plan.json").read_text())["removed"] == plan["removed"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--fitness", "esapp"), "did you mean 'esap'"),
+        (("--resume",), "nothing to resume"),
+        (("--criterion", "freq"), "freq"),
+    ],
+)
+def test_search_bad_input(run_cli, setup, tmp_path, extra, needle):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*search_args(setup, out), *extra)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+    assert not out.exists()
+
+
+def test_existing_run_dir_needs_resume(run_cli, setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "x").write_text("")
+    code, _, err = run_cli(*search_args(setup, out))
+    assert code == 2 and "--resume" in err
