@@ -22,6 +22,7 @@ __all__ = [
     "prune",
     "prune_by_criterion",
     "save",
+    "save_search",
     "search",
     "search_set",
 ]
@@ -265,7 +266,7 @@ def search(
     Optional per-layer `min_remove`/`max_remove` bound the counts; `extra` goes into
     ``moeprune.json``. Returns the `allocate.run.SearchOutcome`."""
     from .allocate import EvoConfig
-    from .allocate.run import STATE_FILE, run_search, write_run_files
+    from .allocate.run import run_search
     from .fitness import SearchSet
 
     if not isinstance(search_data, SearchSet):
@@ -290,22 +291,32 @@ def search(
         max_remove=max_remove,
     )
     if save_checkpoint:
-        out = Path(out_dir)
-        counts = expert_counts(model)
-        kept = prune(model, outcome.plan)
-        record = manifest(
-            source,
-            kept,
-            counts,
-            family=family_of(model.config).model_type,
-            plan=outcome.plan.to_dict(),
-            allocation="evoesap",
-            sparsity=sparsity,
-            search=outcome.plan_json() | {"evaluations": outcome.result.evaluations},
-            **extra,
-        )
-        state = out / STATE_FILE
-        extra_files = {STATE_FILE: state.read_text()} if state.exists() else {}
-        save_pruned(model, out, manifest=record, tokenizer=tokenizer, overwrite=True, extra_files=extra_files)
-        write_run_files(outcome, out, fitness)
+        save_search(model, outcome, out_dir, source=source, tokenizer=tokenizer, sparsity=sparsity, **extra)
     return outcome
+
+
+def save_search(
+    model: PreTrainedModel, outcome, out_dir: str | Path, *, source="", tokenizer=None, **extra
+) -> Path:
+    """Prune `model` in place by the search's best plan and save the checkpoint into the run
+    directory (atomically, keeping the run files: plan, history, state, plots)."""
+    from .allocate.run import STATE_FILE, write_run_files
+
+    out = Path(out_dir)
+    counts = expert_counts(model)
+    kept = prune(model, outcome.plan)
+    record = manifest(
+        source,
+        kept,
+        counts,
+        family=family_of(model.config).model_type,
+        plan=outcome.plan.to_dict(),
+        allocation="evoesap",
+        search=outcome.plan_json() | {"evaluations": outcome.result.evaluations},
+        **extra,
+    )
+    state = out / STATE_FILE
+    extra_files = {STATE_FILE: state.read_text()} if state.exists() else {}
+    save_pruned(model, out, manifest=record, tokenizer=tokenizer, overwrite=True, extra_files=extra_files)
+    write_run_files(outcome, out, outcome.best_fitness.get("name", "esap"))
+    return out
