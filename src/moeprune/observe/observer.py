@@ -145,20 +145,25 @@ class Observer:
         st = self.stats[layer.index]
         e = st.num_experts
         valid = self._valid.to(x.device)
-        idx = decision.indices[valid]  # (V, k)
-        w = decision.weights[valid].double()  # (V, k)
-        a_v, c_v = a[valid].double(), c[valid].double()  # (V, k, H)
+        everything = bool(valid.all())  # packed data: skip the boolean-index copies
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if everything else t[valid]
+
+        idx = pick(decision.indices)  # (V, k)
+        w = pick(decision.weights).double()  # (V, k)
+        c_v = pick(c)  # (V, k, H), model dtype: products below are summed in float64
         flat = idx.reshape(-1).cpu()  # (V*k,)
-        norms = a_v.norm(dim=-1)  # (V, k) ||a_i(x)||
+        norms = pick(a).float().norm(dim=-1).double()  # (V, k) ||a_i(x)||
         st.tokens += int(idx.shape[0])
         st.count += torch.bincount(flat, minlength=e).double()
         st.gate_sum.index_add_(0, flat, w.reshape(-1).cpu())
         st.norm_sum.index_add_(0, flat, norms.reshape(-1).cpu())
         st.gnorm_sum.index_add_(0, flat, (w * norms).reshape(-1).cpu())
-        p = torch.softmax(decision.logits[valid].double(), dim=-1)  # (V, E) router softmax
+        p = torch.softmax(pick(decision.logits).double(), dim=-1)  # (V, E) router softmax
         st.prob_sum += p.sum(0).cpu()
         st.plogp_sum += (torch.xlogy(p, p).sum(0) / LN2).cpu()  # sum p log2 p (0 log 0 = 0)
-        pair = torch.einsum("tah,tbh->tab", c_v, c_v)  # (V, k, k) c_a . c_b
+        pair = torch.einsum("tah,tbh->tab", c_v.float(), c_v.float()).double()  # (V, k, k) c_a . c_b
         k = idx.shape[1]
         rows = idx[:, :, None].expand(-1, -1, k).reshape(-1).cpu()
         cols = idx[:, None, :].expand(-1, k, -1).reshape(-1).cpu()

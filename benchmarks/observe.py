@@ -1,0 +1,201 @@
+"""Observer cost on the testbed, measured side by side in one process.
+
+Prints, for the same calibration batches:
+  observer pass time / plain forward time        (moeprune.observe: each expert on its routed tokens)
+  dense reference time / plain forward time      (every expert on every token, as research code does)
+and the peak memory of each pass. Memory is the peak resident set size (``ru_maxrss``) of a fresh
+child process that loads the model and data and runs that one pass, minus the peak of a child that
+runs the plain forward pass: the extra memory the observation needs (torch's CPU allocator has no
+peak counter, and tracemalloc does not see tensor memory).
+
+    python benchmarks/observe.py                       # the bundled testbed model and calibration split
+    python benchmarks/observe.py --model DIR --data calib.jsonl --samples 32 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeprune.arch import decode_router_output, expert_outputs, moe_layers
+from moeprune.data import TokenSet, load_data
+from moeprune.observe import observe
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "moeprune" / "assets" / "testbed"
+
+
+class DenseReference:
+    """Research-code observer: a router hook runs EVERY expert on EVERY token, then keeps the routed
+    outputs; accumulates the same float64 statistics as moeprune.observe (counts, gates, norms, Gram)."""
+
+    def __init__(self, model):
+        self.layers = moe_layers(model)
+        self.valid = None
+        self.stats = {
+            layer.index: {
+                "count": torch.zeros(layer.num_experts, dtype=torch.float64),
+                "norm_sum": torch.zeros(layer.num_experts, dtype=torch.float64),
+                "gnorm_sum": torch.zeros(layer.num_experts, dtype=torch.float64),
+                "gram": torch.zeros(layer.num_experts, layer.num_experts, dtype=torch.float64),
+            }
+            for layer in self.layers
+        }
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [layer.router.register_forward_hook(self.hook(layer)) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def hook(self, layer):
+        def fn(module, args, output):
+            dec = decode_router_output(layer, output)
+            x = args[0].reshape(-1, args[0].shape[-1])[self.valid]  # (T, H)
+            idx, w = dec.indices[self.valid], dec.weights[self.valid].double()  # (T, k)
+            t, e = x.shape[0], layer.num_experts
+            ids = torch.arange(e).repeat_interleave(t)  # (E*T,)
+            a_all = expert_outputs(layer, x.repeat(e, 1), ids).view(e, t, -1)  # (E, T, H): dense
+            a = a_all[idx, torch.arange(t)[:, None]].double()  # (T, k, H) the routed outputs
+            st = self.stats[layer.index]
+            norms = a.norm(dim=-1)
+            st["count"] += torch.bincount(idx.reshape(-1), minlength=e).double()
+            st["norm_sum"].index_add_(0, idx.reshape(-1), norms.reshape(-1))
+            st["gnorm_sum"].index_add_(0, idx.reshape(-1), (w * norms).reshape(-1))
+            c = a * w[..., None]
+            pair = torch.einsum("tah,tbh->tab", c, c)
+            k = idx.shape[1]
+            st["gram"].index_put_(
+                (
+                    idx[:, :, None].expand(-1, -1, k).reshape(-1),
+                    idx[:, None, :].expand(-1, k, -1).reshape(-1),
+                ),
+                pair.reshape(-1),
+                accumulate=True,
+            )
+
+        return fn
+
+
+@torch.no_grad()
+def plain_pass(model, data: TokenSet, batch: int) -> None:
+    for b in data.batches(batch):
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+
+@torch.no_grad()
+def dense_pass(model, data: TokenSet, batch: int) -> dict:
+    with DenseReference(model) as ref:
+        for b in data.batches(batch):
+            ref.valid = b.attention_mask.reshape(-1).bool()
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    return ref.stats
+
+
+def observer_pass(model, data: TokenSet, batch: int, dense_tokens: int = 0):
+    return observe(model, data, batch_size=batch, dense_tokens=dense_tokens, progress=False)
+
+
+PASSES = {
+    "plain": lambda m, d, a: plain_pass(m, d, a.batch),
+    "observer": lambda m, d, a: observer_pass(m, d, a.batch),
+    "observer+mop": lambda m, d, a: observer_pass(m, d, a.batch, a.dense_tokens),
+    "dense": lambda m, d, a: dense_pass(m, d, a.batch),
+}
+
+
+def load(args):
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    data = load_data(args.data, tok, seq_len=args.seq_len, num_samples=args.samples, seed=0)
+    return model, data
+
+
+def peak_rss_mb(args, variant: str) -> float:
+    """Peak RSS (MB) of a child process that loads everything and runs one `variant` pass."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--probe", variant]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ASSETS / "model"))
+    p.add_argument("--data", default=str(ASSETS / "data" / "calibration.jsonl"))
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dense-tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    model, data = load(args)
+    if args.probe:
+        PASSES[args.probe](model, data, args)
+        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+
+    PASSES["plain"](model, data, args)  # warm-up (kernels, allocator)
+    times: dict[str, list[float]] = {k: [] for k in PASSES}
+    for _ in range(args.repeats):  # interleaved, so background load hits every variant alike
+        for name, fn in PASSES.items():
+            t = time.perf_counter()
+            fn(model, data, args)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    fast = observer_pass(model, data, args.batch)
+    ref = dense_pass(model, data, args.batch)
+    agree = max(
+        float((fast.layers[i].__dict__[n] - ref[i][n]).abs().max() / ref[i][n].abs().max().clamp_min(1e-30))
+        for i in ref
+        for n in ("count", "norm_sum", "gnorm_sum", "gram")
+    )
+    mem = {k: peak_rss_mb(args, k) for k in PASSES}
+    layers = moe_layers(model)
+    result = {
+        "model": args.model,
+        "experts": layers[0].num_experts,
+        "top_k": layers[0].top_k,
+        "moe_layers": len(layers),
+        "tokens": data.num_tokens,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "seconds_median": {k: round(v, 3) for k, v in med.items()},
+        "time_ratio_vs_plain": {k: round(med[k] / med["plain"], 3) for k in med},
+        "peak_rss_mb": {k: round(v, 1) for k, v in mem.items()},
+        "extra_peak_rss_mb_vs_plain": {k: round(mem[k] - mem["plain"], 1) for k in mem},
+        "max_rel_diff_observer_vs_dense_stats": agree,
+    }
+    print(
+        f"{data.num_tokens} calibration tokens, {len(layers)} MoE layers x {layers[0].num_experts} experts "
+        f"(top-{layers[0].top_k}), {args.threads} thread(s), {args.dtype}, median of {args.repeats}"
+    )
+    print(f"{'pass':<14}{'seconds':>9}{'/ plain':>9}{'peak RSS MB':>13}{'extra MB':>10}")
+    for k in PASSES:
+        print(
+            f"{k:<14}{med[k]:>9.3f}{med[k] / med['plain']:>9.3f}{mem[k]:>13.1f}{mem[k] - mem['plain']:>10.1f}"
+        )
+    print(f"observer vs dense reference statistics: max relative difference {agree:.2e}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
