@@ -286,6 +286,55 @@ def search(
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Run directory of the demo.")] = Path("moeprune-demo"),
+    criterion: Annotated[str, typer.Option("--criterion", help="Within-layer criterion.")] = "frequency",
+    sparsity: Annotated[
+        float, typer.Option("--sparsity", help="Fraction of all routed experts removed.")
+    ] = 0.5,
+    population: Annotated[int, typer.Option("--population", help="Plans per generation.")] = 12,
+    generations: Annotated[int, typer.Option("--generations", help="Generations of the search.")] = 6,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = True,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="Another testbed-like model (default: bundled).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Its data (calibration/search/test splits, suite).")
+    ] = None,
+) -> None:
+    """On the bundled testbed: observe -> EvoESAP search -> prune -> evaluate against uniform."""
+    from .criteria import get_criterion
+    from .demo import run_demo
+
+    get_criterion(criterion)
+    if not 0.0 <= sparsity < 1.0:
+        fail(f"--sparsity must be in [0, 1), got {sparsity}")
+    summary = run_demo(
+        out,
+        model_dir=model_dir,
+        data_dir=data_dir,
+        criterion=criterion,
+        sparsity=sparsity,
+        population=population,
+        generations=generations,
+        seed=seed,
+        overwrite=overwrite,
+        console=console,
+    )
+    Console().print(summary["table"])
+    s = summary["search"]
+    Console().print(
+        f"search: {s['evaluations']} candidates in {s['seconds']}s (hidden-state reuse hit rate "
+        f"{s['reuse']['hit_rate']:.0%}); removed per layer uniform {summary['counts_removed']['uniform']} "
+        f"vs EvoESAP {summary['counts_removed']['EvoESAP']}\n"
+        f"checkpoint: {out}/ (load with moeprune.load); plots: {out}/allocation.png, {out}/fitness.png; "
+        f"results: {out}/demo_results.json; total {summary['seconds']['total']}s",
+        highlight=False,
+    )
+
+
+@app.command()
 def families() -> None:
     """List the supported MoE families and how each routes tokens."""
     from rich.table import Table

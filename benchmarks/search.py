@@ -1,0 +1,137 @@
+"""EvoESAP search cost, side by side in one run on the testbed (or any model + data splits).
+
+Prints:
+1. one candidate evaluation / one plain forward over the search set, averaged over a search
+   (reuse of cached hidden states; goal <= 0.8), with the hidden-state cache hit rate;
+2. teacher cache bytes, top-K sparse / dense (goal <= 2%), and the largest |ESAP_sparse - ESAP_dense|
+   over every candidate both searches scored;
+3. wall time of a whole search (teacher cache + evolution) vs a straightforward reference (dense
+   full-vocabulary cache, a full forward per candidate), same seed: speed-up and whether the
+   best plans agree.
+
+    python benchmarks/search.py [--model DIR --data DIR] [--population 12 --generations 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moeprune import api
+from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_counts
+from moeprune.arch import moe_layers
+from moeprune.demo import load_testbed, removal_order_for, token_split
+from moeprune.fitness import CandidateEvaluator
+
+
+def timed_search(model, search, space, order, cfg, **evaluator_kwargs):
+    t0 = time.perf_counter()
+    ev = CandidateEvaluator(model, search, **evaluator_kwargs)
+    per_candidate = {}
+
+    def score(counts):
+        r = ev.evaluate(plan_from_counts(space, order, counts))
+        per_candidate[counts] = r.value
+        return r.score
+
+    result = evolve(space, score, cfg)
+    return ev, result, per_candidate, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--data", default=None)
+    p.add_argument("--criterion", default="frequency")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--population", type=int, default=12)
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--search-samples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Console()
+
+    model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
+    calib = token_split(tok, data_dir / "calibration.jsonl", 16, args.seq_len, args.seed)
+    order = removal_order_for(model, calib, args.criterion, args.seed)
+    search = api.search_set(
+        token_split(tok, data_dir / "search.jsonl", args.search_samples, args.seq_len, args.seed)
+    )
+    space = AllocationSpace.from_layers(moe_layers(model), sparsity=args.sparsity)
+    cfg = EvoConfig(population=args.population, generations=args.generations, seed=args.seed)
+    out.print(
+        f"model {model_dir} | search set {search.num_scored()} scored tokens | {args.criterion} order | "
+        f"sparsity {args.sparsity} | population {cfg.population} x {cfg.generations} generations"
+    )
+
+    # the plain forward (unit of cost), measured between the two searches' evaluations too
+    probe = CandidateEvaluator(model, search, cache="dense", reuse=False, full_forward=True)
+    plain = [probe.plain_forward_seconds() for _ in range(3)]
+    fast_ev, fast, fast_vals, fast_s = timed_search(
+        model, search, space, order, cfg, cache="sparse", top_k=args.top_k
+    )
+    plain.append(probe.plain_forward_seconds())
+    ref_ev, ref, ref_vals, ref_s = timed_search(
+        model, search, space, order, cfg, cache="dense", reuse=False, full_forward=True
+    )
+    plain.append(probe.plain_forward_seconds())
+    t_plain = statistics.median(plain)
+
+    fast_cost = fast_ev.stats.eval_seconds / fast_ev.stats.evaluations
+    ref_cost = ref_ev.stats.eval_seconds / ref_ev.stats.evaluations
+    common = set(fast_vals) & set(ref_vals)
+    delta = max(abs(fast_vals[c] - ref_vals[c]) for c in common)
+    ratio_bytes = fast_ev.teacher.nbytes() / ref_ev.teacher.nbytes()
+
+    t = Table(title="EvoESAP search: moeprune vs straightforward reference (same process, same seed)")
+    t.add_column("measure")
+    t.add_column("moeprune", justify="right")
+    t.add_column("reference", justify="right")
+    t.add_column("ratio / goal", justify="right")
+    t.add_row("plain forward of the search set", f"{t_plain:.3f}s", "", "")
+    t.add_row(
+        "one candidate evaluation / plain forward",
+        f"{fast_cost / t_plain:.2f}",
+        f"{ref_cost / t_plain:.2f}",
+        "goal <= 0.8",
+    )
+    t.add_row(
+        "decoder layers run / full forward",
+        f"{fast_ev.stats.layer_fraction():.2f}",
+        f"{ref_ev.stats.layer_fraction():.2f}",
+        f"hit rate {fast_ev.stats.hit_rate():.0%}",
+    )
+    t.add_row(
+        "teacher cache bytes",
+        f"{fast_ev.teacher.nbytes() / 2**20:.2f} MiB (top-{args.top_k})",
+        f"{ref_ev.teacher.nbytes() / 2**20:.2f} MiB (dense)",
+        f"{100 * ratio_bytes:.2f}% (goal <= 2%)",
+    )
+    t.add_row("largest |ESAP sparse - dense|", f"{delta:.2e}", "", f"over {len(common)} common candidates")
+    t.add_row("candidates evaluated", str(fast.evaluations), str(ref.evaluations), "")
+    t.add_row(
+        "whole search wall time", f"{fast_s:.1f}s", f"{ref_s:.1f}s", f"{ref_s / fast_s:.2f}x (goal >= 3x)"
+    )
+    t.add_row(
+        "best plan (removed per layer)",
+        str(list(fast.best)),
+        str(list(ref.best)),
+        "same" if fast.best == ref.best else "DIFFERENT",
+    )
+    t.add_row(
+        "best ESAP (dense value)", f"{ref_vals.get(fast.best, float('nan')):.5f}", f"{ref.best_score:.5f}", ""
+    )
+    out.print(t)
+
+
+if __name__ == "__main__":
+    main()
