@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--generations", type=int, default=6)
-    p.add_argument("--search-samples", type=int, default=8)
+    p.add_argument("--search-samples", type=int, default=2, help="windows per domain")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Console()
 
     model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
-    calib = token_split(tok, data_dir / "calibration.jsonl", 16, args.seq_len, args.seed)
+    calib = token_split(tok, data_dir / "calibration.jsonl", 4, args.seq_len, args.seed)
     order = removal_order_for(model, calib, args.criterion, args.seed)
     search = api.search_set(
         token_split(tok, data_dir / "search.jsonl", args.search_samples, args.seq_len, args.seed)
