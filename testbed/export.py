@@ -143,17 +143,39 @@ def export_data(corpus: Path, tokenizer, seed: int, out: Path) -> dict:
     return meta
 
 
-def export_model(run: Path, out: Path) -> None:
+def load_run(run: Path, tok_dir: Path, from_ckpt: bool = False):
+    """The trained model of a run: ``final/`` or, with ``from_ckpt`` (crashed/unfinished run), ``ckpt.pt``
+    loaded into the default architecture of ``train.py``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    if not from_ckpt:
+        return AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    from train import model_config
+
+    args = json.loads((run / "args.json").read_text()) if (run / "args.json").exists() else {}
+    ns = argparse.Namespace(
+        **{
+            k: int(args.get(k, v))
+            for k, v in (("hidden", 192), ("moe_inter", 96), ("layers", 8), ("experts", 32))
+        }
+    )
+    model = Qwen3MoeForCausalLM(model_config(AutoTokenizer.from_pretrained(tok_dir), ns))
+    model.load_state_dict(torch.load(run / "ckpt.pt", weights_only=False)["model"])
+    return model
+
+
+def export_model(run: Path, out: Path, tok_dir: Path, from_ckpt: bool = False) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    model = load_run(run, tok_dir, from_ckpt)
     model.config.output_router_logits = False
     model = model.to(torch.bfloat16)
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(run / "final").save_pretrained(out)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,14 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--assets", type=Path, default=ASSETS)
     p.add_argument("--data-only", action="store_true")
+    p.add_argument("--model-only", action="store_true")
+    p.add_argument("--from-ckpt", action="store_true", help="export the last checkpoint of an unfinished run")
     args = p.parse_args(argv)
     corpus = args.work / "corpus"
     tok = AutoTokenizer.from_pretrained(corpus / "tokenizer")
-    meta = export_data(corpus, tok, args.seed, args.assets / "data")
-    print(json.dumps(meta, indent=1))
+    if not args.model_only:
+        meta = export_data(corpus, tok, args.seed, args.assets / "data")
+        print(json.dumps(meta, indent=1))
     if not args.data_only:
         run = args.work / f"run-{args.tag}"
-        export_model(run, args.assets / "model")
+        export_model(run, args.assets / "model", corpus / "tokenizer", args.from_ckpt)
         shutil.copy(run / "curve.jsonl", args.assets / "training_curve.jsonl")
         print(f"model -> {args.assets / 'model'}")
 

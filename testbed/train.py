@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-MIXTURE = {"arith": 0.36, "en": 0.14, "de": 0.17, "fr": 0.15, "code": 0.18}
+MIXTURE = {"arith": 0.40, "en": 0.14, "de": 0.15, "fr": 0.14, "code": 0.17}
 
 
 def model_config(tok, args: argparse.Namespace) -> Qwen3MoeConfig:
@@ -143,9 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--mix",
+        default=None,
+        help="override the domain mixture, e.g. arith=0.55,en=0.1,de=0.11,fr=0.1,code=0.14",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.mix:
+        MIXTURE.update({k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))})
+    print(f"[mixture] {MIXTURE}", flush=True)
     torch.backends.mkldnn.enabled = args.mkldnn
     torch.manual_seed(args.seed)
     corpus = args.work / "corpus"
@@ -177,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_rng_state(st["torch_rng"])
         step, tokens_seen, elapsed0 = st["step"], st["tokens"], st["elapsed"]
         print(f"[resume] step {step}", flush=True)
+        if (run / "curve.jsonl").exists():  # drop log lines written after the checkpoint
+            lines = (run / "curve.jsonl").read_text().splitlines()
+            keep = [x for x in lines if json.loads(x)["step"] <= step]
+            (run / "curve.jsonl").write_text("".join(x + "\n" for x in keep))
 
     val_rows = {d: [] for d in MIXTURE}
     with open(corpus / "val.jsonl", encoding="utf-8") as f:
