@@ -3,8 +3,8 @@
 One calibration pass (moeprune.observe on the testbed's calibration split, with the dense subsample
 for MoP), then for each criterion the plan at 50% sparsity is applied with exact masking
 (`mask_experts`, equal to the structurally pruned model) and the testbed evaluation suite runs:
-per-domain perplexity, generation exact match, multiple-choice accuracy. `random` is run with three
-seeds. Writes benchmarks/results/criteria_table.md and .json.
+per-domain perplexity, generation exact match, multiple-choice accuracy. `random` is run with
+``--random-seeds`` seeds (3). Writes benchmarks/results/criteria_table.md and .json.
 
     python benchmarks/criteria_table.py [--sparsity 0.5] [--samples-per-domain 16] [--max-tokens-per-domain 10000]
 """
@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--dense-tokens", type=int, default=4096)
     p.add_argument("--max-tokens-per-domain", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "criteria_table"))
     args = p.parse_args()
 
@@ -80,7 +81,7 @@ def main() -> None:
         return evaluate_suite(model, tok, args.suite, max_tokens_per_domain=args.max_tokens_per_domain)
 
     runs = [("none (unpruned)", None)]
-    runs += [(f"random (seed {s})", ("random", s)) for s in range(3)]
+    runs += [(f"random (seed {s})", ("random", s)) for s in range(args.random_seeds)]
     runs += [(c, (c, 0)) for c in CRITERIA if c != "random"]
     rows, plans = [], {}
     for name, spec in runs:
@@ -94,7 +95,10 @@ def main() -> None:
                 res = evaluate()
         domains = sorted(res["perplexity"])
         rows.append(row(name, res, domains))
-        print(f"{name:<20} {json.dumps(rows[-1])}  ({time.perf_counter() - t:.0f}s)", flush=True)
+        print(
+            f"{name:<20} {json.dumps(rows[-1])}  ({time.perf_counter() - t:.0f}s: {res['seconds']})",
+            flush=True,
+        )
 
     n = next(iter(counts.values()))
     e = next(iter(stats.layers.values())).num_experts

@@ -11,7 +11,11 @@
   `expert_outputs` on the routed pairs (a_i(x), and c_i(x) = a_i(g_i x)) next to the model's own call.
 
 Only when a dense subsample is asked for (``dense_tokens > 0``, MoP) are ALL experts run, on that
-subsample of tokens only. Padding (attention mask 0) never enters any statistic.
+subsample of tokens only. Padding (attention mask 0) never enters any statistic. Per-token values
+(norms, dot products) are computed in float32 (or the model's dtype if wider) and summed in float64.
+
+Measured on the testbed-sized model (benchmarks/observe.py): the observer pass costs about 1.15x a
+plain forward pass; a dense observer that runs every expert on every token about 7x.
 """
 
 from __future__ import annotations
