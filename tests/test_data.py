@@ -117,3 +117,28 @@ def test_missing_and_unparsable_files(tmp_path, tok):
     pytest.importorskip("pyarrow")
     with pytest.raises(DataError, match="not a readable parquet file"):
         load_data(tmp_path / "bad.parquet", tok)
+
+
+def test_hub_dataset_name_goes_through_datasets(monkeypatch, tok):
+    """A source that is not a local file is read with datasets.load_dataset(name, config, split=...)."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "org/missing":
+            raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub\nmore details")
+        return [{"content": "hub text one", "lang": "en"}, {"content": "hub text two", "lang": "de"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    data = load_data(
+        "org/corpus", tok, seq_len=8, text_field="content", domain_field="lang", config="c1", split="val"
+    )
+    assert calls == [("org/corpus", "c1", "val")] and data.domain_names == ["de", "en"]
+    with pytest.raises(
+        DataError, match="cannot load 'org/missing' as a local file or hub dataset: Dataset"
+    ) as err:
+        load_data("org/missing", tok)
+    assert "\n" not in str(err.value)
