@@ -189,3 +189,20 @@ def test_observe_bad_inputs(run_cli, model_dir, calib, tmp_path):
     )
     bad = write(tmp_path, "bad.txt", "")
     assert_clean_failure(run_cli("observe", model_dir, "--data", bad, "--out", out), out, "holds no rows")
+
+
+def test_criteria_command_lists_every_criterion(run_cli):
+    code, out, _ = run_cli("criteria")
+    assert code == 0
+    for name in (
+        "random",
+        "frequency",
+        "soft_frequency",
+        "ean",
+        "ean_mean",
+        "weighted_ean",
+        "reap",
+        "naee",
+        "mop",
+    ):
+        assert name in out

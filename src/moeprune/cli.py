@@ -334,6 +334,20 @@ def demo(
     )
 
 
+@app.command("criteria")
+def list_criteria() -> None:
+    """List the within-layer criteria (for --criterion)."""
+    from rich.table import Table
+
+    from .criteria import CRITERIA
+
+    table = Table("criterion", "ranks experts by", "needs")
+    for name in CRITERIA.names():
+        crit = CRITERIA.get(name)
+        table.add_row(name, crit.summary, "dense token subsample" if crit.needs_dense else "")
+    Console().print(table)
+
+
 @app.command()
 def families() -> None:
     """List the supported MoE families and how each routes tokens."""
