@@ -3,10 +3,10 @@
 Prints, for the same calibration batches:
   observer pass time / plain forward time        (moeprune.observe: each expert on its routed tokens)
   dense reference time / plain forward time      (every expert on every token, as research code does)
-and the peak memory of each pass. Memory is the peak resident set size (``ru_maxrss``) of a fresh
-child process that loads the model and data and runs that one pass, minus the peak of a child that
-runs the plain forward pass: the extra memory the observation needs (torch's CPU allocator has no
-peak counter, and tracemalloc does not see tensor memory).
+and the peak memory of each pass. Memory is measured with the kernel's resident-set counters: a
+fresh child process loads the model and data, resets its peak RSS (``/proc/self/clear_refs`` = 5),
+runs that one pass and reports VmHWM (peak RSS during the pass) minus VmRSS before it. (torch's CPU
+allocator has no peak counter, and tracemalloc does not see tensor memory.)
 
     python benchmarks/observe.py                       # the bundled testbed model and calibration split
     python benchmarks/observe.py --model DIR --data calib.jsonl --samples 32 --seq-len 256
@@ -15,8 +15,8 @@ peak counter, and tracemalloc does not see tensor memory).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -123,8 +123,14 @@ def load(args):
     return model, data
 
 
+def proc_status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (kB) in MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def peak_rss_mb(args, variant: str) -> float:
-    """Peak RSS (MB) of a child process that loads everything and runs one `variant` pass."""
+    """Peak RSS growth (MB) during one `variant` pass, in a fresh child process."""
     cmd = [sys.executable, __file__, *sys.argv[1:], "--probe", variant]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
@@ -147,8 +153,11 @@ def main() -> None:
 
     model, data = load(args)
     if args.probe:
+        gc.collect()
+        before = proc_status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
         PASSES[args.probe](model, data, args)
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"peak_rss_mb": proc_status_mb("VmHWM") - before}))
         return
 
     PASSES["plain"](model, data, args)  # warm-up (kernels, allocator)
@@ -179,18 +188,18 @@ def main() -> None:
         "dtype": args.dtype,
         "seconds_median": {k: round(v, 3) for k, v in med.items()},
         "time_ratio_vs_plain": {k: round(med[k] / med["plain"], 3) for k in med},
-        "peak_rss_mb": {k: round(v, 1) for k, v in mem.items()},
-        "extra_peak_rss_mb_vs_plain": {k: round(mem[k] - mem["plain"], 1) for k in mem},
+        "peak_rss_growth_mb": {k: round(v, 1) for k, v in mem.items()},
+        "peak_rss_growth_ratio_vs_plain": {k: round(mem[k] / mem["plain"], 2) for k in mem},
         "max_rel_diff_observer_vs_dense_stats": agree,
     }
     print(
         f"{data.num_tokens} calibration tokens, {len(layers)} MoE layers x {layers[0].num_experts} experts "
         f"(top-{layers[0].top_k}), {args.threads} thread(s), {args.dtype}, median of {args.repeats}"
     )
-    print(f"{'pass':<14}{'seconds':>9}{'/ plain':>9}{'peak RSS MB':>13}{'extra MB':>10}")
+    print(f"{'pass':<14}{'seconds':>9}{'/ plain':>9}{'peak +RSS MB':>14}{'vs plain':>10}")
     for k in PASSES:
         print(
-            f"{k:<14}{med[k]:>9.3f}{med[k] / med['plain']:>9.3f}{mem[k]:>13.1f}{mem[k] - mem['plain']:>10.1f}"
+            f"{k:<14}{med[k]:>9.3f}{med[k] / med['plain']:>9.3f}{mem[k]:>14.1f}{mem[k] / mem['plain']:>10.2f}"
         )
     print(f"observer vs dense reference statistics: max relative difference {agree:.2e}")
     if args.out:
