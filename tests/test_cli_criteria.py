@@ -206,3 +206,23 @@ def test_criteria_command_lists_every_criterion(run_cli):
         "mop",
     ):
         assert name in out
+
+
+def test_stats_of_another_model_are_rejected(run_cli, model_dir, tmp_path):
+    from moeprune.observe import ExpertStats, LayerStats
+
+    ExpertStats({0: LayerStats(index=0, num_experts=4, top_k=2)}, {"model": "other"}).save(tmp_path / "stats")
+    out = tmp_path / "out"
+    result = run_cli(
+        "prune",
+        model_dir,
+        "--criterion",
+        "reap",
+        "--sparsity",
+        "0.5",
+        "--stats",
+        tmp_path / "stats",
+        "--out",
+        out,
+    )
+    assert_clean_failure(result, out, "do not fit this model")
