@@ -160,9 +160,13 @@ def observe(
     return stats
 
 
-def check_stats(model: PreTrainedModel, stats) -> None:
-    """Statistics must describe `model`'s MoE layers (same layer indices and expert counts)."""
+def check_stats(model: PreTrainedModel | str | Path, stats) -> None:
+    """Statistics must describe `model`'s MoE layers (same layer indices and expert counts). A name or
+    path is checked on the model's meta-device skeleton, before any weight loads."""
     from .errors import MoepruneError
+
+    if isinstance(model, (str, Path)):
+        model = skeleton(model)
 
     have = {i: ls.num_experts for i, ls in stats.layers.items()}
     want = expert_counts(model)

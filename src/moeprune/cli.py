@@ -82,6 +82,7 @@ def _criterion_plan(api, model, criterion, sparsity, data, text_field, stats, nu
     expert_stats = ExpertStats.load(stats) if stats is not None else None
     if expert_stats is not None:
         get_criterion(criterion, expert_stats)
+        api.check_stats(model, expert_stats)
     tokens = (
         _calibration(api, model, data, text_field, num_samples, seq_len, seed)
         if expert_stats is None
