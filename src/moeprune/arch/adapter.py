@@ -12,11 +12,19 @@ from ..errors import UnsupportedModelError, did_you_mean
 from .families import FAMILIES
 from .family import MoEFamily
 
+_MISSING = object()
 
-def get_path(obj: object, path: str) -> object:
-    """``get_path(block, "gate.wg.weight")`` -> the attribute at that dotted path."""
-    for part in path.split("."):
-        obj = getattr(obj, part)
+
+def get_path(obj: object, path: str, default: object = _MISSING) -> object:
+    """``get_path(block, "gate.wg.weight")`` -> the attribute at that dotted path (`default`, when
+    given, for a path that does not exist)."""
+    try:
+        for part in path.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        if default is _MISSING:
+            raise
+        return default
     return obj
 
 
@@ -47,6 +55,7 @@ class MoELayer:
     index: int  # decoder layer index
     block: nn.Module
     family: MoEFamily
+    config_top_k: int | None = None  # config[family.top_k_key], for routers without a top_k attribute
 
     @property
     def router(self) -> nn.Module:
@@ -62,7 +71,8 @@ class MoELayer:
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        k = getattr(self.router, "top_k", None)
+        return int(k if k is not None else self.config_top_k)
 
     @property
     def num_groups(self) -> int:
@@ -91,7 +101,7 @@ class MoELayer:
         buffers such as e_score_correction_bias are not parameters and are not counted)."""
         n = 0
         for path, dim in [(p, 0) for p in self.family.expert_tensors] + list(self.family.router_tensors):
-            t = get_path(self.block, path)
+            t = get_path(self.block, path, None)
             if isinstance(t, nn.Parameter):
                 n += t.numel() // t.shape[dim]
         return n
@@ -102,13 +112,19 @@ def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
     family = family_of(model.config)
     layers = get_path(model, family.layers_path)
     found = []
+    config_top_k = getattr(model.config.get_text_config(), family.top_k_key, None)
     for index, layer in enumerate(layers):  # type: ignore[arg-type]
-        block = getattr(layer, family.block_attr, None)
-        if block is not None and type(block).__name__ in family.block_classes:
-            found.append(MoELayer(index=index, block=block, family=family))
+        block = getattr(layer, family.block_attr, None) if family.block_attr else layer
+        if (
+            block is not None
+            and type(block).__name__ in family.block_classes
+            and get_path(block, family.expert_tensors[0], None) is not None  # not a dense layer of that class
+        ):
+            found.append(MoELayer(index=index, block=block, family=family, config_top_k=config_top_k))
     if not found:
         raise UnsupportedModelError(
-            f"no {family.block_classes[0]} found under {family.layers_path}.*.{family.block_attr}: "
+            f"no {family.block_classes[0]} with routed experts found under "
+            f"{'.'.join(filter(None, [family.layers_path, '*', family.block_attr]))}: "
             "the model has no MoE layers to prune"
         )
     return found

@@ -7,7 +7,36 @@ from .family import MoEFamily
 _SOFTMAX_TOPK = "softmax over all experts, top-k"
 _SOFTMAX_TOPK_RENORM = "softmax over all experts, top-k, renormalised"
 
-FAMILIES: dict[str, MoEFamily] = {
+_SIGMOID_TOPK = "sigmoid, top-k (renormalised if norm_topk_prob)"
+_SIGMOID_BIASED = "sigmoid; top-k on sigmoid + e_score_correction_bias; renormalised"
+_DSV3 = (
+    "sigmoid; group-limited top-k on sigmoid + e_score_correction_bias; renormalised, "
+    "x routed_scaling_factor; shared experts"
+)
+_GATE_AND_BIAS = (("gate.weight", 0), ("gate.e_score_correction_bias", 0))
+
+
+def _qwen_next_like(
+    model_type: str,
+    block: str,
+    shared: tuple[str, ...] = ("shared_expert", "shared_expert_gate"),
+    routing: str = _SOFTMAX_TOPK + " (renormalised if norm_topk_prob)",
+) -> MoEFamily:
+    """Qwen3-Next style block: ``gate`` router (weight only), fused experts, shared expert(s)."""
+    return MoEFamily(
+        model_type=model_type,
+        block_classes=(block,),
+        block_attr="mlp",
+        router_attr="gate",
+        routing=routing
+        + ("; sigmoid-gated shared expert" if "shared_expert_gate" in shared else "; shared expert"),
+        num_experts_keys=("num_experts",),
+        top_k_key="num_experts_per_tok",
+        shared_attrs=shared,
+    )
+
+
+_TABLE: dict[str, MoEFamily] = {
     f.model_type: f
     for f in [
         MoEFamily(
@@ -163,5 +192,416 @@ FAMILIES: dict[str, MoEFamily] = {
             count_attrs=("gate.num_experts", "gate.wg.out_features", "experts.num_experts"),
             shared_attrs=("shared_mlp",),
         ),
+        # --- further transformers 5.24 families (see docs/families.md) ---
+        _qwen_next_like("qwen3_next", "Qwen3NextSparseMoeBlock"),
+        _qwen_next_like("qwen3_5_moe_text", "Qwen3_5MoeSparseMoeBlock", routing=_SOFTMAX_TOPK_RENORM),
+        _qwen_next_like("qwen4_exp_text", "Qwen4ExpTextSparseMoeBlock"),
+        _qwen_next_like("lara_mini", "LaraMiniSparseMoeBlock", shared=("shared_expert",)),
+        _qwen_next_like("flint", "FlintSparseMoeBlock", shared=("shared_expert",), routing=_SIGMOID_TOPK),
+        MoEFamily(
+            model_type="flex_olmo",
+            block_classes=("FlexOlmoSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing=_SOFTMAX_TOPK + " (renormalised if norm_topk_prob)",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+        ),
+        MoEFamily(
+            model_type="mellum",
+            block_classes=("MellumSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing=_SOFTMAX_TOPK + " (renormalised if norm_topk_prob)",
+            num_experts_keys=("num_local_experts",),
+            top_k_key="num_experts_per_tok",
+        ),
+        MoEFamily(
+            model_type="minimax",
+            block_classes=("MiniMaxSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing=_SOFTMAX_TOPK_RENORM,
+            num_experts_keys=("num_local_experts",),
+            top_k_key="num_experts_per_tok",
+        ),
+        MoEFamily(
+            model_type="minimax_m2",
+            block_classes=("MiniMaxM2SparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing=_SIGMOID_BIASED + " (bias held by the block, passed to the router)",
+            num_experts_keys=("num_local_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=(("gate.weight", 0), ("e_score_correction_bias", 0)),
+        ),
+        MoEFamily(
+            model_type="minimax_m3_vl_text",
+            block_classes=("MiniMaxM3VLSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing=_SIGMOID_BIASED + ", x routed_scaling_factor; shared experts",
+            num_experts_keys=("num_local_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=_GATE_AND_BIAS,
+            shared_attrs=("shared_experts",),
+        ),
+        MoEFamily(
+            model_type="cohere2_moe",
+            block_classes=("Cohere2MoeSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing="top-k on logits, softmax (or sigmoid) over the top-k; optional shared experts",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+            shared_attrs=("shared_experts",),
+        ),
+        MoEFamily(
+            model_type="lfm2_moe",
+            block_classes=("Lfm2MoeSparseMoeBlock",),
+            block_attr="feed_forward",
+            router_attr="gate",
+            routing="sigmoid; top-k on sigmoid + expert_bias (held by the block); renormalised, "
+            "x routed_scaling_factor",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=(("gate.weight", 0), ("expert_bias", 0)),
+        ),
+        MoEFamily(
+            model_type="afmoe",
+            block_classes=("AfmoeSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="router",
+            routing="sigmoid; top-k on sigmoid + expert_bias (held by the block); renormalised, "
+            "x route_scale; shared experts",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=(("router.gate.weight", 0), ("expert_bias", 0)),
+            count_attrs=("router.num_experts", "router.gate.out_features", "experts.num_experts"),
+            shared_attrs=("shared_experts",),
+        ),
+        MoEFamily(
+            model_type="hy_v3",
+            block_classes=("HYV3MoE",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing=_SIGMOID_BIASED + " (bias held by the block), x router_scaling_factor; shared experts",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=(("gate.weight", 0), ("e_score_correction_bias", 0)),
+            shared_attrs=("shared_experts",),
+        ),
+        MoEFamily(
+            model_type="laguna",
+            block_classes=("LagunaSparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing="sigmoid (optionally soft-capped logits); top-k on sigmoid + e_score_correction_bias; "
+            "renormalised, x moe_routed_scaling_factor; shared experts",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=_GATE_AND_BIAS,
+            shared_attrs=("shared_experts",),
+        ),
+        MoEFamily(
+            model_type="kolibri1",
+            block_classes=("Kolibri1SparseMoeBlock",),
+            block_attr="mlp",
+            router_attr="gate",
+            routing="top-k on logits + e_score_correction_bias, sigmoid of the chosen logits "
+            "(renormalised if norm_topk_prob); shared experts",
+            num_experts_keys=("num_local_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=_GATE_AND_BIAS,
+            shared_attrs=("shared_experts",),
+        ),
+        *(
+            MoEFamily(
+                model_type=model_type,
+                block_classes=(block,),
+                block_attr="mlp",
+                router_attr="gate",
+                routing="score_fn (sigmoid); top-k on scores + e_score_correction_bias; renormalised, "
+                "x route_scale",
+                num_experts_keys=("n_routed_experts",),
+                top_k_key="num_experts_per_tok",
+                router_tensors=_GATE_AND_BIAS,
+            )
+            for model_type, block in [
+                ("inkling2_text", "Inkling2SparseMoeBlock"),
+                ("inkling2_loop_text", "Inkling2LoopSparseMoeBlock"),
+            ]
+        ),
+        *(
+            MoEFamily(
+                model_type=model_type,
+                block_classes=(block,),
+                block_attr=block_attr,
+                router_attr="router",
+                routing="top-k on logits, softmax over the top-k" + extra,
+                num_experts_keys=(key,),
+                top_k_key=top_k_key,
+                router_tensors=(("router.weight", 0),),
+                count_attrs=count_attrs,
+                shared_attrs=shared,
+            )
+            for model_type, block, block_attr, key, top_k_key, count_attrs, shared, extra in [
+                (
+                    "granitemoeshared",
+                    "GraniteMoeSharedMoE",
+                    "block_sparse_moe",
+                    "num_local_experts",
+                    "num_experts_per_tok",
+                    ("router.num_experts", "experts.num_experts"),
+                    (),
+                    "; shared MLP (decoder layer)",
+                ),
+                (
+                    "granitemoehybrid",
+                    "GraniteMoeHybridMoE",
+                    "block_sparse_moe",
+                    "num_local_experts",
+                    "num_experts_per_tok",
+                    ("router.num_experts", "experts.num_experts"),
+                    (),
+                    "; shared MLP (decoder layer)",
+                ),
+                (
+                    "granitemoe_swa",
+                    "GraniteMoeSWAMoE",
+                    "block_sparse_moe",
+                    "num_local_experts",
+                    "num_experts_per_tok",
+                    ("router.num_experts", "experts.num_experts"),
+                    (),
+                    "",
+                ),
+                (
+                    "aria_text",
+                    "AriaTextMoELayer",
+                    "mlp",
+                    "moe_num_experts",
+                    "moe_topk",
+                    ("router.num_experts", "experts.num_experts"),
+                    ("shared_experts",),
+                    "; shared experts",
+                ),
+            ]
+        ),
+        MoEFamily(
+            model_type="jamba",
+            block_classes=("JambaSparseMoeBlock",),
+            block_attr="feed_forward",
+            router_attr="router",
+            routing=_SOFTMAX_TOPK + " (not renormalised)",
+            num_experts_keys=("num_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=(("router.weight", 0),),
+            count_attrs=("num_experts", "router.num_experts", "experts.num_experts"),
+        ),
+        *(
+            MoEFamily(
+                model_type=model_type,
+                block_classes=(block,),
+                block_attr="mlp",
+                router_attr="gate",
+                routing=routing,
+                num_experts_keys=(key,),
+                top_k_key=top_k_key,
+                router_tensors=_GATE_AND_BIAS,
+                group_key=group_key,
+                shared_attrs=shared,
+            )
+            for model_type, block, key, top_k_key, group_key, shared, routing in [
+                (
+                    "dots1",
+                    "Dots1MoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "exaone_moe",
+                    "ExaoneMoeSparseMoEBlock",
+                    "num_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "glm4_moe_lite",
+                    "Glm4MoeLiteMoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "glm_moe_dsa",
+                    "GlmMoeDsaMoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "deepseek_v32",
+                    "DeepseekV32MoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "sarvam_mla",
+                    "DeepseekV3MoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "sarvam_moe",
+                    "Glm4MoeMoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "solar_open",
+                    "SolarOpenMoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "hy_v4",
+                    "HYV4MoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "axk1",
+                    "AXK1MoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3 + "; RMSNorm on the block output",
+                ),
+                (
+                    "axk2",
+                    "AXK2MoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3 + " (groups optional, masked with 0)",
+                ),
+                (
+                    "dots3_note_text",
+                    "Dots3NoteTextMoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "bailing_hybrid",
+                    "BailingHybridMoE",
+                    "num_experts",
+                    "num_experts_per_token",
+                    "num_expert_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "kimi_linear",
+                    "KimiLinearMoE",
+                    "num_experts",
+                    "num_experts_per_token",
+                    "num_expert_group",
+                    ("shared_experts",),
+                    _DSV3,
+                ),
+                (
+                    "mimo_v2_flash",
+                    "MiMoV2FlashMoE",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    (),
+                    _DSV3.replace("; shared experts", ""),
+                ),
+                (
+                    "beam",
+                    "BeamMoE",
+                    "num_experts",
+                    "num_experts_per_tok",
+                    "n_group",
+                    (),
+                    _DSV3.replace("; shared experts", ""),
+                ),
+            ]
+        ),
+        MoEFamily(
+            model_type="nemotron_h",
+            block_classes=("NemotronHMoE",),
+            block_attr="mixer",
+            router_attr="gate",
+            routing=_DSV3 + "; non-gated (relu2) experts, optional latent projection",
+            num_experts_keys=("n_routed_experts",),
+            top_k_key="num_experts_per_tok",
+            router_tensors=_GATE_AND_BIAS,
+            expert_tensors=("experts.up_proj", "experts.down_proj"),
+            group_key="n_group",
+            shared_attrs=("shared_experts",),
+        ),
+        MoEFamily(
+            model_type="gemma4_text",
+            block_classes=("Gemma4TextDecoderLayer",),
+            block_attr="",  # the decoder layer holds router + experts next to its dense MLP
+            router_attr="router",
+            routing="RMS-normed input; softmax over all experts, top-k, renormalised, x per_expert_scale; "
+            "dense MLP in parallel",
+            num_experts_keys=("num_experts",),
+            top_k_key="top_k_experts",
+            router_tensors=(("router.proj.weight", 0), ("router.per_expert_scale", 0)),
+            count_attrs=("router.proj.out_features", "experts.num_experts"),
+            router_output="topk_probs",
+        ),
     ]
 }
+
+# The core matrix (mask == prune == save/reload, generate) passes for these, but the fitness layer
+# replay (`moeprune.fitness`) does not reproduce their forward yet (final norm not at `model.norm`,
+# cross-layer residual/hyper-connection state, per-layer attention inputs), so they stay out of the
+# registry until it does. See docs/families.md.
+REPLAY_PENDING: tuple[str, ...] = (
+    "beam",
+    "cohere2_moe",
+    "hy_v4",
+    "inkling2_loop_text",
+    "inkling2_text",
+    "jamba",
+    "lfm2_moe",
+    "nemotron_h",
+    "qwen4_exp_text",
+)
+PENDING_FAMILIES: dict[str, MoEFamily] = {k: _TABLE[k] for k in REPLAY_PENDING}
+FAMILIES: dict[str, MoEFamily] = {k: f for k, f in _TABLE.items() if k not in REPLAY_PENDING}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-RouterOutput = Literal["topk", "dense_scores"]
+RouterOutput = Literal["topk", "topk_probs", "dense_scores"]
 ExpertsCall = Literal["routed", "stacked"]
 
 
@@ -23,18 +23,20 @@ class MoEFamily:
 
     model_type: str  # config.model_type
     block_classes: tuple[str, ...]  # class names of the sparse MoE block
-    block_attr: str  # decoder layer -> MoE block, e.g. "mlp"
+    block_attr: str  # decoder layer -> MoE block, e.g. "mlp"; "" when the layer itself holds router + experts
     router_attr: str  # block -> router module, e.g. "gate"
     routing: str  # how routing weights are made, for humans (README, reports)
     num_experts_keys: tuple[str, ...]  # config keys that hold the routed-expert count
     top_k_key: str  # config key of the number of active experts per token
-    # (path in the block, expert dim): router rows and per-expert router biases
+    # (path in the block, expert dim): router rows and per-expert router biases; a path outside
+    # router_attr is a per-expert tensor the block passes to the router as an argument
     router_tensors: tuple[tuple[str, int], ...] = (("gate.weight", 0),)
     # per-expert tensors of the fused experts module (expert dim 0)
     expert_tensors: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
     # integer attributes that hold the expert count and must follow surgery
     count_attrs: tuple[str, ...] = ("gate.num_experts", "experts.num_experts")
-    router_output: RouterOutput = "topk"  # (logits, weights, indices) | (dense scores, logits)
+    # (logits, weights, indices) | (probabilities over all experts, weights, indices) | (dense scores, logits)
+    router_output: RouterOutput = "topk"
     experts_call: ExpertsCall = (
         "routed"  # experts(h, top_k_index, top_k_weights) | experts(h stacked by expert)
     )

@@ -33,6 +33,9 @@ def decode_router_output(layer: MoELayer, output: tuple) -> RouterDecision:
     if layer.family.router_output == "topk":
         logits, weights, indices = output
         return RouterDecision(indices=indices, weights=weights, logits=logits)
+    if layer.family.router_output == "topk_probs":  # softmax probabilities: log p are logits up to a constant
+        probs, weights, indices = output
+        return RouterDecision(indices=indices, weights=weights, logits=probs.float().log())
     scores, logits = output  # dense_scores: (T, E) zero except the chosen experts
     k = layer.top_k
     weights, indices = torch.topk(scores, k, dim=-1)  # (T, k)

@@ -6,7 +6,12 @@ original ids so the untouched fused experts compute them. The result is by const
 structurally pruned model computes: softmax routers renormalise over the survivors, sigmoid/biased
 routers select among the survivors only, group-limited routers see the shrunken groups.
 
-Removed experts get router logit -inf in the logits the router returns (for aux losses/recording).
+Removed experts get router logit -inf (probability 0 for routers that return probabilities) in what
+the router returns besides its choice (for aux losses/recording).
+
+Per-expert router tensors that live on the block rather than on the router (``router_tensors``
+outside ``router_attr``, e.g. a correction bias the block passes to ``gate(h, bias)``) are sliced
+where they enter the router: any argument that *is* one of those tensors reaches the clone sliced.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..arch import MoELayer, moe_layers
+from ..arch import MoELayer, get_path, moe_layers
 from .plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
@@ -53,7 +58,9 @@ def sliced_router(layer: MoELayer, keep: list[int]) -> nn.Module:
     """A clone of `layer`'s router holding only the rows/biases of experts `keep`."""
     prefix = layer.family.router_attr + "."
     spec = {
-        "router_tensors": [(p[len(prefix) :], d) for p, d in layer.family.router_tensors],
+        "router_tensors": [
+            (p[len(prefix) :], d) for p, d in layer.family.router_tensors if p.startswith(prefix)
+        ],
         "expert_tensors": [],
         "count_attrs": [c[len(prefix) :] for c in layer.family.count_attrs if c.startswith(prefix)],
     }
@@ -62,16 +69,38 @@ def sliced_router(layer: MoELayer, keep: list[int]) -> nn.Module:
     return clone
 
 
+def _block_router_args(layer: MoELayer) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, expert dim) of the per-expert router tensors held by the block, not the router."""
+    prefix = layer.family.router_attr + "."
+    found = [
+        (get_path(layer.block, p, None), d)
+        for p, d in layer.family.router_tensors
+        if not p.startswith(prefix)
+    ]
+    return [(t, d) for t, d in found if t is not None]
+
+
 def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
     num_experts = layer.num_experts
     kind = layer.family.router_output
+    block_args = _block_router_args(layer)
+
+    def sliced(value):
+        for tensor, dim in block_args:
+            if value is tensor:
+                return value.index_select(dim, torch.as_tensor(keep, device=value.device))
+        return value
 
     def forward(hidden_states, *args, **kwargs):
+        if block_args:
+            args = tuple(sliced(a) for a in args)
+            kwargs = {k: sliced(v) for k, v in kwargs.items()}
         out = clone.forward(hidden_states, *args, **kwargs)
-        if kind == "topk":
-            logits, weights, indices = out  # (T, E'), (T, k), (T, k)
+        if kind in ("topk", "topk_probs"):
+            logits, weights, indices = out  # (T, E'), (T, k), (T, k); probabilities for topk_probs
             keep_t = torch.as_tensor(keep, device=indices.device)
-            full = logits.new_full((*logits.shape[:-1], num_experts), float("-inf"))  # (T, E)
+            fill = float("-inf") if kind == "topk" else 0.0
+            full = logits.new_full((*logits.shape[:-1], num_experts), fill)  # (T, E)
             full[..., keep_t] = logits
             return full, weights, keep_t[indices]
         scores, logits = out  # dense_scores: (T, E'), (T, E')
