@@ -11,6 +11,7 @@ Results are bitwise those of a full forward (same layers, same inputs); ``reuse=
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -115,9 +116,14 @@ class CandidateEvaluator:
         self.model = model
         self.search = search
         self.fitness: Fitness = FITNESS.get(fitness)
+        self.replay_fallback: str | None = None  # why layer replay is off for this model, if it is
+        try:
+            self.replay: LayerReplay | None = LayerReplay(model)
+        except (AttributeError, TypeError) as e:
+            self.replay, self.replay_fallback = None, f"no layers/norm/head to replay ({e})"
+            full_forward = True
         self.reuse = reuse and not full_forward
         self.full_forward = full_forward
-        self.replay = LayerReplay(model)
         self.moe_indices = [layer.index for layer in moe_layers(model)]
         self.hidden = HiddenCache(cache_bytes)
         self.stats = ReuseStats()
@@ -127,15 +133,40 @@ class CandidateEvaluator:
         self.records: list[BatchRecord] = []
         slices = []
         for batch, pos in zip(search.batches, self.positions, strict=True):
-            record = self.replay.record(batch)
+            record = self.replay.record(batch) if self.replay is not None else self._plain_record(batch)
+            if not self.full_forward and not self.records:
+                self._check_replay(record)
             logits = record.logits.reshape(-1, record.logits.shape[-1])[pos]  # (n_b, V)
             slices.append(teacher_slice(logits, cache, top_k))
             record.logits = None
-            if full_forward:
+            if self.full_forward:
                 record.calls = []
             self.records.append(record)
         self.teacher = TeacherCache(kind=cache, top_k=top_k, slices=slices)
         self.teacher_seconds = time.perf_counter() - t0
+
+    def _plain_record(self, batch) -> BatchRecord:
+        with torch.inference_mode():
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return BatchRecord(layer0_input=torch.empty(0), logits=out.logits)
+
+    def _check_replay(self, record: BatchRecord) -> None:
+        """Replaying the layers must reproduce the model's own logits; otherwise fall back to a full
+        forward per candidate (correct, without reuse) and say so."""
+        try:
+            ok = torch.allclose(
+                self.replay.forward_from(0, record.layer0_input, record), record.logits, atol=1e-5
+            )
+            reason = "replayed layers do not reproduce the model's logits"
+        except Exception as e:  # a family whose layers need more than what its forward passed them
+            ok, reason = False, f"replaying its layers failed ({type(e).__name__}: {e})"
+        if not ok:
+            self.replay_fallback = reason
+            self.full_forward, self.reuse = True, False
+            warnings.warn(
+                f"{reason}: evaluating every candidate with a full forward (no hidden-state reuse)",
+                stacklevel=3,
+            )
 
     # --- keys -------------------------------------------------------------------------------
     def _removed(self, plan: ExpertPlan) -> dict[int, tuple[int, ...]]:
@@ -150,7 +181,7 @@ class CandidateEvaluator:
         """Logits of the masked model on every batch: [(B, L, V)]."""
         if not isinstance(plan, ExpertPlan):
             plan = ExpertPlan.from_removed(plan)
-        n_layers = self.replay.num_layers
+        n_layers = self.replay.num_layers if self.replay is not None else 1
         with mask_experts(self.model, plan):
             if self.full_forward:
                 self.stats.layers_run += n_layers
