@@ -38,7 +38,11 @@ def plot_training_curve(curve_path: Path, out: Path) -> None:
     axes[0].set(xlabel="tokens (M)", ylabel="cross-entropy (nats)", title="loss", ylim=(0, 8))
     axes[0].legend(fontsize=7)
     axes[1].plot(tok, [r["aux_loss"] for r in recs], lw=0.8)
-    axes[1].set(xlabel="tokens (M)", ylabel="load-balancing loss", title="router load-balancing loss (top_k = 4 is balanced)")
+    axes[1].set(
+        xlabel="tokens (M)",
+        ylabel="load-balancing loss",
+        title="router load-balancing loss (top_k = 4 is balanced)",
+    )
     axes[2].plot([r["tokens"] / 1e6 for r in ev], [100 * r["val_arith_em"] for r in ev], marker="o")
     axes[2].set(xlabel="tokens (M)", ylabel="%", title="val arithmetic exact match (60 items)", ylim=(0, 100))
     fig.tight_layout()

@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop (with a checkpoint) after this step; schedule unchanged",
+    )
+    p.add_argument(
         "--mix",
         default=None,
         help="override the domain mixture, e.g. arith=0.55,en=0.1,de=0.11,fr=0.1,code=0.14",
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         step += 1
         tokens_seen += x.numel()
         tok_log += x.numel()
-        last = progress() >= 1.0
+        last = progress() >= 1.0 or step == args.stop_at
         if step % args.log_every == 0 or last:
             now = time.time()
             rec = {
@@ -255,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
             }
             torch.save(st, run / "ckpt.tmp")
             (run / "ckpt.tmp").replace(ckpt)
+        if step == args.stop_at:
+            print(f"[stop] at step {step}", flush=True)
+            return
     model.config.output_router_logits = False
     model.save_pretrained(run / "final")
     tok.save_pretrained(run / "final")

@@ -158,7 +158,7 @@ class BigramLM(torch.nn.Module):
         self.log_table = torch.nn.Parameter(log_table)
         self.config = SimpleNamespace()
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
         return SimpleNamespace(logits=self.log_table[input_ids], past_key_values=None)
 
 

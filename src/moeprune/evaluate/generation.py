@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,6 +13,12 @@ from ._util import inference_mode, model_device
 def normalize_answer(text: str) -> str:
     """The answer is the generated text up to the first newline, stripped of spaces."""
     return text.split("\n", 1)[0].strip()
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.2x names the KV-cache argument ``cache``; older versions ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def greedy_generate(
@@ -27,6 +34,7 @@ def greedy_generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cache_kw = _cache_kwarg(model)
     outs: list[str] = []
     try:
         with inference_mode(model):
@@ -42,7 +50,7 @@ def greedy_generate(
                         input_ids=cur,
                         attention_mask=mask,
                         position_ids=pos,
-                        past_key_values=past,
+                        **{cache_kw: past},
                         use_cache=True,
                     )
                     nxt = out.logits[:, -1].argmax(-1)  # (B,)
@@ -52,7 +60,7 @@ def greedy_generate(
                         done |= nxt == tokenizer.eos_token_id
                     if bool(done.all()):
                         break
-                    past = getattr(out, "past_key_values", None)
+                    past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
                     if past is None:  # model without a cache: feed the whole sequence again
                         cur = torch.cat([cur, nxt[:, None]], dim=1)
                         pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)

@@ -18,7 +18,7 @@ def format_table(results: dict, title: str = "Evaluation") -> Table:
     uni = results.get("baseline", {}).get("unigram_ppl", {})
     for dom, r in results.get("perplexity", {}).items():
         base = f"{uni[dom]:.1f} (unigram)" if dom in uni else ""
-        table.add_row(f"ppl[{dom}]", f"{r['ppl']:.2f}", base)
+        table.add_row(f"perplexity ({dom})", f"{r['ppl']:.2f}", base)
     if "generation" in results:
         g = results["generation"]
         table.add_row("generation exact match", f"{100 * g['exact_match']:.1f}%", f"n={g['n']}")
