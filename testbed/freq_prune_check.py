@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,21 +21,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeprune.evaluate import default_suite_dir, evaluate_suite, read_jsonl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plots import routing_hits  # noqa: E402
+
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "moeprune" / "assets" / "testbed"
 
 
-@torch.no_grad()
-def routing_counts(model, tok, rows: list[dict], seq_len: int = 512) -> torch.Tensor:
-    """(layers, experts) number of calibration tokens whose top-k contains each expert."""
-    cfg = model.config
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_experts)
-    for r in rows:
-        ids = tok(r["text"], return_tensors="pt")["input_ids"][:, :seq_len]
-        out = model(input_ids=ids, output_router_logits=True)
-        for layer, lg in enumerate(out.router_logits):  # lg: (tokens, experts)
-            idx = lg.topk(cfg.num_experts_per_tok, -1).indices.flatten()
-            counts[layer].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
-    return counts
+def routing_counts(model, tok, rows: list[dict]) -> torch.Tensor:
+    """(layers, experts) number of calibration tokens (all domains) whose top-k contains each expert."""
+    hits, _ = routing_hits(model, tok, rows)
+    return sum(hits.values())
 
 
 def prune_uniform(model, counts: torch.Tensor, n_remove: int) -> dict[int, list[int]]:
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+        args.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

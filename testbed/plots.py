@@ -51,28 +51,45 @@ def plot_training_curve(curve_path: Path, out: Path) -> None:
 
 
 @torch.no_grad()
-def expert_usage(model, tokenizer, rows: list[dict], seq_len: int = 512) -> dict[str, np.ndarray]:
-    """{domain: (layers, experts) fraction of tokens routed to each expert}."""
+def routing_hits(model, tokenizer, rows: list[dict], seq_len: int = 512, batch_size: int = 16):
+    """Top-k hit counts per domain: ({domain: (layers, experts) counts}, {domain: tokens}).
+
+    Rows are batched with right padding; padded positions are not counted."""
     cfg = model.config
-    k = cfg.num_experts_per_tok
-    usage: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    k, n_exp = cfg.num_experts_per_tok, cfg.num_experts
+    hits: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
     model.eval()
-    for r in rows:
-        ids = tokenizer(r["text"], return_tensors="pt")["input_ids"][:, :seq_len]
-        out = model(input_ids=ids, output_router_logits=True)
-        # out.router_logits: tuple over layers of (tokens, experts)
-        hits = np.stack(
-            [
-                torch.zeros(cfg.num_experts)
-                .index_add_(0, lg.topk(k, -1).indices.flatten(), torch.ones(lg.shape[0] * k))
-                .numpy()
-                for lg in out.router_logits
-            ]
-        )  # (layers, experts)
-        usage[r["domain"]] = usage.get(r["domain"], 0) + hits
-        counts[r["domain"]] = counts.get(r["domain"], 0) + ids.shape[1]
-    return {d: u / counts[d] for d, u in usage.items()}
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b : b + batch_size]
+        enc = tokenizer(
+            [r["text"] for r in chunk],
+            return_tensors="pt",
+            padding="longest",
+            truncation=True,
+            max_length=seq_len,
+            padding_side="right",
+        )
+        out = model(**enc, output_router_logits=True)
+        mask = enc["attention_mask"].flatten().bool()  # (B*T,)
+        dom_of_tok = [chunk[i]["domain"] for i in range(len(chunk)) for _ in range(enc["input_ids"].shape[1])]
+        for dom in {r["domain"] for r in chunk}:
+            sel = mask & torch.tensor([d == dom for d in dom_of_tok])
+            h = torch.stack(
+                [
+                    torch.bincount(lg[sel].topk(k, -1).indices.flatten(), minlength=n_exp).float()
+                    for lg in out.router_logits  # each (B*T, experts)
+                ]
+            )  # (layers, experts)
+            hits[dom] = hits.get(dom, 0) + h
+            tokens[dom] = tokens.get(dom, 0) + int(sel.sum())
+    return hits, tokens
+
+
+def expert_usage(model, tokenizer, rows: list[dict]) -> dict[str, np.ndarray]:
+    """{domain: (layers, experts) fraction of the domain's tokens whose top-k contains the expert}."""
+    hits, tokens = routing_hits(model, tokenizer, rows)
+    return {d: (h / tokens[d]).numpy() for d, h in hits.items()}
 
 
 def plot_usage(usage: dict[str, np.ndarray], out: Path) -> None:
