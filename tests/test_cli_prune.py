@@ -148,8 +148,8 @@ def test_dense_model_is_rejected(run_cli, tmp_path):
 
 
 def test_unknown_moe_family_is_rejected(run_cli, tmp_path):
-    src = tmp_path / "jamba"
-    AutoConfig.for_model("jamba", num_experts=8).save_pretrained(src)
+    src = tmp_path / "dbrx"  # an MoE family without a fused-experts layout moeprune supports
+    AutoConfig.for_model("dbrx").save_pretrained(src)
     out = tmp_path / "out"
     result = run_cli("prune", src, "--plan", write_plan(tmp_path / "p.json", {"0": [1]}), "--out", out)
     assert_clean_failure(result, out, "not supported")

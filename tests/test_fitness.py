@@ -20,7 +20,7 @@ from moeprune.fitness import (
 )
 from moeprune.fitness.metrics import esap
 from moeprune.surgery import ExpertPlan, mask_experts, remove_experts_
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import REPLAY_FALLBACK_OVERRIDES, FAMILIES, tiny_model
 
 
 def search_set(seed: int = 0, n: int = 4, length: int = 12) -> SearchSet:
@@ -117,6 +117,10 @@ REPLAY_FAMILIES = (
 )
 
 
+# families whose decoder stack the replay does not reproduce: the evaluator falls back to full forwards
+REPLAY_FALLBACK = set(REPLAY_FALLBACK_OVERRIDES)
+
+
 @pytest.mark.parametrize("family", REPLAY_FAMILIES)
 def test_layer_resumed_forward_equals_full_forward(family):
     model = tiny_model(family)
@@ -135,7 +139,11 @@ def test_layer_resumed_forward_equals_full_forward(family):
     ev.candidate_logits(first)
     run_before = ev.stats.layers_run
     got = ev.candidate_logits(second)
-    assert ev.stats.layers_run - run_before == len(ev.replay.layers) - last.index
+    if family in REPLAY_FALLBACK:
+        assert ev.full_forward, "the replay should have fallen back to a full forward"
+    else:
+        assert not ev.full_forward
+        assert ev.stats.layers_run - run_before == len(ev.replay.layers) - last.index
     with torch.inference_mode(), mask_experts(model, ExpertPlan.from_removed(second)):
         want = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in s.batches]
     for g, w in zip(got, want, strict=True):

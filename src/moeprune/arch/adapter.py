@@ -34,10 +34,7 @@ def family_of(config: PretrainedConfig) -> MoEFamily:
     model_type = text_config.model_type
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    looks_moe = any(
-        getattr(text_config, k, None)
-        for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-    )
+    looks_moe = _mentions_experts(text_config.to_dict())
     if not looks_moe:
         raise UnsupportedModelError(
             f"'{model_type}' is a dense model (no routed experts): moeprune prunes Mixture-of-Experts models only"
@@ -46,6 +43,16 @@ def family_of(config: PretrainedConfig) -> MoEFamily:
         f"MoE family '{model_type}' is not supported yet{did_you_mean(model_type, list(FAMILIES))}; "
         "see the README's family table"
     )
+
+
+def _mentions_experts(config: dict) -> bool:
+    """Whether any (nested) config key speaks of experts: MoE configs do, dense ones do not."""
+    for key, value in config.items():
+        if isinstance(key, str) and "expert" in key and value:
+            return True
+        if isinstance(value, dict) and _mentions_experts(value):
+            return True
+    return False
 
 
 @dataclass

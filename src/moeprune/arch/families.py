@@ -588,20 +588,4 @@ _TABLE: dict[str, MoEFamily] = {
     ]
 }
 
-# The core matrix (mask == prune == save/reload, generate) passes for these, but the fitness layer
-# replay (`moeprune.fitness`) does not reproduce their forward yet (final norm not at `model.norm`,
-# cross-layer residual/hyper-connection state, per-layer attention inputs), so they stay out of the
-# registry until it does. See docs/families.md.
-REPLAY_PENDING: tuple[str, ...] = (
-    "beam",
-    "cohere2_moe",
-    "hy_v4",
-    "inkling2_loop_text",
-    "inkling2_text",
-    "jamba",
-    "lfm2_moe",
-    "nemotron_h",
-    "qwen4_exp_text",
-)
-PENDING_FAMILIES: dict[str, MoEFamily] = {k: _TABLE[k] for k in REPLAY_PENDING}
-FAMILIES: dict[str, MoEFamily] = {k: f for k, f in _TABLE.items() if k not in REPLAY_PENDING}
+FAMILIES: dict[str, MoEFamily] = dict(sorted(_TABLE.items()))
