@@ -20,7 +20,7 @@ from moeprune.fitness import (
 )
 from moeprune.fitness.metrics import esap
 from moeprune.surgery import ExpertPlan, mask_experts, remove_experts_
-from tiny_models import REPLAY_FALLBACK_OVERRIDES, FAMILIES, tiny_model
+from tiny_models import FAMILIES, REPLAY_FALLBACK_OVERRIDES, tiny_model
 
 
 def search_set(seed: int = 0, n: int = 4, length: int = 12) -> SearchSet:
