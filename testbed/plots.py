@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--assets", type=Path, default=ASSETS)
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     if (args.assets / "training_curve.jsonl").exists():
         plot_training_curve(args.assets / "training_curve.jsonl", args.assets / "training_curve.png")
     model = AutoModelForCausalLM.from_pretrained(args.assets / "model", dtype=torch.float32)
