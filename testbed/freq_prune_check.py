@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
-        args.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1, default=str) + "\n")
+        args.out.write_text(
+            json.dumps({"summary": summary, "results": results}, indent=1, default=str) + "\n"
+        )
 
 
 if __name__ == "__main__":
