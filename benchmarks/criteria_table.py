@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--max-tokens-per-domain", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--random-seeds", type=int, default=3)
+    p.add_argument("--only", default=None, help="comma-separated criteria to run (no baseline, no random)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "criteria_table"))
     args = p.parse_args()
 
@@ -83,6 +84,8 @@ def main() -> None:
     runs = [("none (unpruned)", None)]
     runs += [(f"random (seed {s})", ("random", s)) for s in range(args.random_seeds)]
     runs += [(c, (c, 0)) for c in CRITERIA if c != "random"]
+    if args.only:
+        runs = [(c, (c, 0)) for c in args.only.split(",")]
     rows, plans = [], {}
     for name, spec in runs:
         t = time.perf_counter()
