@@ -6,10 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import tiny_model  # noqa: E402
+
+# Tiny models run far faster on one thread than on two contended ones (and CI has 2 cores).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
