@@ -6,19 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from cli_checks import assert_clean_failure
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +41,6 @@ def calib(tmp_path_factory):
 
 
 SMALL = ("--seq-len", "24", "--num-samples", "6")
-
-
-def assert_clean_failure(result, out_dir, *needles):
-    code, stdout, stderr = result
-    assert code == 2, (code, stdout, stderr)
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in stderr, stderr
-    assert not out_dir.exists()
-    assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")), "half-written directory left behind"
 
 
 def test_observe_then_prune_from_stats(run_cli, model_dir, calib, tmp_path):

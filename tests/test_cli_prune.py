@@ -8,24 +8,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from cli_checks import assert_clean_failure
 from tiny_models import tiny_model
 
 
 def write_plan(path, removed) -> str:
     path.write_text(json.dumps({"removed": removed}))
     return str(path)
-
-
-def assert_clean_failure(result, out_dir, *needles):
-    code, stdout, stderr = result
-    assert code == 2, (code, stdout, stderr)
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in stderr, stderr
-    assert not out_dir.exists()
-    assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")), "half-written directory left behind"
 
 
 def test_prune_with_plan_writes_loadable_checkpoint(run_cli, tiny_dir, tmp_path):

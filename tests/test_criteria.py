@@ -31,15 +31,6 @@ SCORE_CRITERIA = ["frequency", "soft_frequency", "ean", "ean_mean", "weighted_ea
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~50x faster on one thread on this shared 2-core machine (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def calibration(seed: int = 0, samples: int = 6, length: int = 10) -> TokenSet:
     """`samples` rows of random tokens, one domain each, the last rows right-padded."""
     g = torch.Generator().manual_seed(seed)

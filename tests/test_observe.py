@@ -15,14 +15,6 @@ from moeprune.observe.stats import TENSORS
 from tiny_models import FAMILIES, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tokens(samples: int = 3, length: int = 8, pad_last: int = 3) -> TokenSet:
     ids = torch.randint(3, 128, (samples, length), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
