@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the weights of another run's ckpt.pt (fresh optimizer and schedule; logged steps "
+        "and tokens continue from that run's)",
+    )
+    p.add_argument(
         "--stop-at",
         type=int,
         default=None,
@@ -182,6 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     rng = random.Random(args.seed)
     step, tokens_seen, elapsed0 = 0, 0, 0.0
+    step0, tokens0 = 0, 0  # offsets of a continued run (--init-from), for the log only
+    if args.init_from is not None:
+        st = torch.load(args.init_from, weights_only=False)
+        model.load_state_dict(st["model"])
+        step0, tokens0 = st["step"], st["tokens"]
+        rng.seed(args.seed + step0)
+        print(f"[init] weights of {args.init_from} (step {step0})", flush=True)
     ckpt = run / "ckpt.pt"
     if args.resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
@@ -190,10 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         rng.setstate(st["rng"])
         torch.set_rng_state(st["torch_rng"])
         step, tokens_seen, elapsed0 = st["step"], st["tokens"], st["elapsed"]
+        step0, tokens0 = st.get("step0", 0), st.get("tokens0", 0)
         print(f"[resume] step {step}", flush=True)
         if (run / "curve.jsonl").exists():  # drop log lines written after the checkpoint
             lines = (run / "curve.jsonl").read_text().splitlines()
-            keep = [x for x in lines if json.loads(x)["step"] <= step]
+            keep = [x for x in lines if json.loads(x)["step"] <= step0 + step]
             (run / "curve.jsonl").write_text("".join(x + "\n" for x in keep))
 
     val_rows = {d: [] for d in MIXTURE}
@@ -234,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.log_every == 0 or last:
             now = time.time()
             rec = {
-                "step": step,
-                "tokens": tokens_seen,
+                "step": step0 + step,
+                "tokens": tokens0 + tokens_seen,
                 "loss": round(out.loss.item() - cfg.router_aux_loss_coef * out.aux_loss.item(), 4),
                 "aux_loss": round(out.aux_loss.item(), 4),
                 "lr": lr,
@@ -258,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                 "step": step,
                 "tokens": tokens_seen,
                 "elapsed": time.time() - t0,
+                "step0": step0,
+                "tokens0": tokens0,
             }
             torch.save(st, run / "ckpt.tmp")
             (run / "ckpt.tmp").replace(ckpt)

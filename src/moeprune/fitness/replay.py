@@ -7,6 +7,11 @@ layers and keeps what each layer was called with. Those arguments depend only on
 on which experts are masked, so a candidate can restart at layer j from a hidden state and replay
 layers j..N-1 with them; then ``norm -> lm_head`` (``/ logits_scaling`` where the family has it).
 This is written once for every family and tested equal to ``model(input_ids).logits`` on all of them.
+
+A layer's attention sub-module sees only the layer's input, never the experts, so a candidate that
+restarts at layer j from a cached input can also take layer j's attention output from the run that
+cached it (`run_layer(attention_output=...)`): the sub-module is swapped for one returning the stored
+value, bitwise what it would compute.
 """
 
 from __future__ import annotations
@@ -18,6 +23,19 @@ from torch import nn
 
 from ..arch import family_of, get_path
 from .searchset import SearchBatch
+
+ATTENTION_ATTRS = ("self_attn", "attention", "attn")  # the attention sub-module of a decoder layer
+
+
+class _StoredOutput(nn.Module):
+    """Stands in for an attention sub-module: returns what it returned before for the same input."""
+
+    def __init__(self, output) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
 
 
 @dataclass
@@ -42,6 +60,10 @@ class LayerReplay:
         self.norm: nn.Module = backbone.norm  # type: ignore[union-attr]
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.logits_scaling = float(getattr(model.config.get_text_config(), "logits_scaling", 1.0) or 1.0)
+        self.attention_names: list[str | None] = [
+            next((a for a in ATTENTION_ATTRS if isinstance(getattr(layer, a, None), nn.Module)), None)
+            for layer in self.layers
+        ]
 
     @property
     def num_layers(self) -> int:
@@ -77,10 +99,38 @@ class LayerReplay:
             raise RuntimeError("not every decoder layer was called by the model's forward; cannot replay it")
         return BatchRecord(layer0_input=first[0], calls=calls, logits=out.logits)  # type: ignore[arg-type]
 
-    def run_layer(self, index: int, hidden: torch.Tensor, record: BatchRecord) -> torch.Tensor:
-        """Decoder layer `index` on hidden (B, L, H) -> (B, L, H)."""
+    def run_layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        record: BatchRecord,
+        *,
+        attention_output=None,
+        capture: list | None = None,
+    ) -> torch.Tensor:
+        """Decoder layer `index` on hidden (B, L, H) -> (B, L, H).
+
+        attention_output: what the layer's attention returned for this same `hidden` in an earlier
+        run, used instead of recomputing it. capture: a list the attention's output is appended to."""
         args, kwargs = record.calls[index]
-        out = self.layers[index](hidden, *args, **kwargs)
+        layer, name = self.layers[index], self.attention_names[index]
+        if name is None:
+            out = layer(hidden, *args, **kwargs)
+        elif attention_output is not None:
+            original = getattr(layer, name)
+            setattr(layer, name, _StoredOutput(attention_output))
+            try:
+                out = layer(hidden, *args, **kwargs)
+            finally:
+                setattr(layer, name, original)
+        elif capture is not None:
+            handle = getattr(layer, name).register_forward_hook(lambda m, a, o: capture.append(o))
+            try:
+                out = layer(hidden, *args, **kwargs)
+            finally:
+                handle.remove()
+        else:
+            out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,14 @@ class TeacherSlice:
             if t is not None
         )
 
+    def rows(self, start: int, stop: int) -> TeacherSlice:
+        """The scored tokens start..stop-1 (views, no copy)."""
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return TeacherSlice(cut(self.probs), cut(self.top_probs), cut(self.top_ids), cut(self.tail))
+
 
 def teacher_slice(logits: torch.Tensor, kind: CacheKind, top_k: int) -> TeacherSlice:
     """logits (n, V) of the scored tokens -> what the cache keeps of them."""
