@@ -26,6 +26,13 @@ PHASES = [
     (800, 88, "arith=0.75,en=0.06,de=0.06,fr=0.06,code=0.07"),
     (None, 100, "arith=0.75,en=0.06,de=0.06,fr=0.06,code=0.07"),
 ]
+# Then a second run continued from the first one's weights on a quiet machine (fresh optimizer, warm
+# restart to a lower peak learning rate), because generation exact match was still climbing.
+CONTINUATION = [
+    "--tag", "cont", "--init-from", str(WORK / "run-main" / "ckpt.pt"), "--lr", "1e-3", "--warmup", "30",
+    "--steps", "20000", "--minutes", "90", "--threads", "1",
+    "--mix", "arith=0.75,en=0.06,de=0.06,fr=0.06,code=0.07",
+]  # fmt: skip
 
 
 def run(script: str, *args: str) -> None:
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
         cmd += ["--tag", "main"] + (["--resume"] if k else []) + (["--mix", mix] if mix else [])
         run("train.py", *cmd, *(["--stop-at", str(stop)] if stop else []))
-    run("export.py", "--work", str(WORK), "--seed", args.seed)
+    run("train.py", "--work", str(WORK), "--seed", args.seed, *CONTINUATION)
+    run("export.py", "--work", str(WORK), "--seed", args.seed, "--tag", "cont")
     run("plots.py")
     subprocess.run(
         [sys.executable, "-m", "moeprune.evaluate", str(HERE.parent / "src/moeprune/assets/testbed/model")],

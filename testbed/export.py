@@ -165,6 +165,19 @@ def load_run(run: Path, tok_dir: Path, from_ckpt: bool = False):
     return model
 
 
+def curve_lines(run: Path) -> list[str]:
+    """The training log of a run, preceded by its parent's up to the start step when it continued
+    another run (``train.py --init-from``)."""
+    lines = (run / "curve.jsonl").read_text().splitlines()
+    args = json.loads((run / "args.json").read_text()) if (run / "args.json").exists() else {}
+    parent = args.get("init_from")
+    if parent not in (None, "None"):
+        first = json.loads(lines[0])["step"] if lines else 0
+        before = [x for x in curve_lines(Path(parent).parent) if json.loads(x)["step"] < first]
+        lines = before + lines
+    return lines
+
+
 def export_model(run: Path, out: Path, tok_dir: Path, from_ckpt: bool = False) -> None:
     import torch
     from transformers import AutoTokenizer
@@ -198,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data_only:
         run = args.work / f"run-{args.tag}"
         export_model(run, args.assets / "model", corpus / "tokenizer", args.from_ckpt)
-        shutil.copy(run / "curve.jsonl", args.assets / "training_curve.jsonl")
+        (args.assets / "training_curve.jsonl").write_text("".join(x + "\n" for x in curve_lines(run)))
         print(f"model -> {args.assets / 'model'}")
 
 

@@ -300,10 +300,18 @@ def search(
 
 
 def save_search(
-    model: PreTrainedModel, outcome, out_dir: str | Path, *, source="", tokenizer=None, **extra
+    model: PreTrainedModel,
+    outcome,
+    out_dir: str | Path,
+    *,
+    source="",
+    tokenizer=None,
+    card_evaluation: str | None = None,
+    **extra,
 ) -> Path:
     """Prune `model` in place by the search's best plan and save the checkpoint into the run
-    directory (atomically, keeping the run files: plan, history, state, plots)."""
+    directory (atomically, keeping the run files: plan, history, state, plots). `card_evaluation`
+    (Markdown) goes into the model card's evaluation section."""
     from .allocate.run import STATE_FILE, write_run_files
 
     out = Path(out_dir)
@@ -321,6 +329,15 @@ def save_search(
     )
     state = out / STATE_FILE
     extra_files = {STATE_FILE: state.read_text()} if state.exists() else {}
-    save_pruned(model, out, manifest=record, tokenizer=tokenizer, overwrite=True, extra_files=extra_files)
+    save_pruned(
+        model,
+        out,
+        manifest=record,
+        tokenizer=tokenizer,
+        overwrite=True,
+        extra_files=extra_files,
+        card_plot="allocation.png",
+        card_evaluation=card_evaluation,
+    )
     write_run_files(outcome, out, outcome.best_fitness.get("name", "esap"))
     return out

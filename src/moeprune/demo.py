@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .errors import MoepruneError
 from .surgery import ExpertPlan, mask_experts
+from .surgery.card import markdown_table
 
 
 def testbed_dirs() -> tuple[Path, Path]:
@@ -84,28 +85,39 @@ def evaluate_plans(model, tokenizer, plans: dict[str, ExpertPlan | None], **suit
     return results
 
 
+def comparison_cells(results: dict[str, dict], esap: dict[str, float]) -> dict[str, dict[str, str]]:
+    """{plan: {metric: formatted value}} of the evaluated plans."""
+    cells: dict[str, dict[str, str]] = {}
+    for name, res in results.items():
+        col = {"ESAP (held-out)": f"{esap[name]:.4f}"}
+        for d, v in res.get("perplexity", {}).items():
+            col[f"ppl[{d}]"] = f"{v['ppl']:.2f}"
+        if "generation" in res:
+            col["generation exact match"] = f"{100 * res['generation']['exact_match']:.1f}%"
+        if "multiple_choice" in res:
+            col["multiple-choice acc."] = f"{100 * res['multiple_choice']['accuracy']:.1f}%"
+        cells[name] = col
+    return cells
+
+
 def comparison_table(results: dict[str, dict], esap: dict[str, float], title: str) -> Table:
     """Rows: metrics; columns: plans."""
-    names = list(results)
+    cells = comparison_cells(results, esap)
     table = Table(title=title)
     table.add_column("metric")
-    for name in names:
+    for name in cells:
         table.add_column(name, justify="right")
-    table.add_row("ESAP (held-out)", *(f"{esap[n]:.4f}" for n in names))
-    domains = list(next(iter(results.values())).get("perplexity", {}))
-    for d in domains:
-        table.add_row(escape(f"ppl[{d}]"), *(f"{results[n]['perplexity'][d]['ppl']:.2f}" for n in names))
-    if "generation" in results[names[0]]:
-        table.add_row(
-            "generation exact match",
-            *(f"{100 * results[n]['generation']['exact_match']:.1f}%" for n in names),
-        )
-    if "multiple_choice" in results[names[0]]:
-        table.add_row(
-            "multiple-choice acc.",
-            *(f"{100 * results[n]['multiple_choice']['accuracy']:.1f}%" for n in names),
-        )
+    for metric in next(iter(cells.values())):
+        table.add_row(escape(metric), *(col.get(metric, "") for col in cells.values()))
     return table
+
+
+def evaluation_markdown(results: dict[str, dict], esap: dict[str, float]) -> str:
+    """The comparison as the model card's evaluation section (testbed suite, masked plans)."""
+    return (
+        "Testbed suite, measured by exact masking before the checkpoint was written (`EvoESAP` is this "
+        "checkpoint):\n\n" + markdown_table(comparison_cells(results, esap))
+    )
 
 
 def run_demo(
@@ -172,6 +184,7 @@ def run_demo(
         tokenizer=tokenizer,
         sparsity=sparsity,
         criterion=criterion,
+        card_evaluation=evaluation_markdown(results, esap),
     )
     summary = {
         "criterion": criterion,

@@ -17,8 +17,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from ..arch import family_of
 from ..errors import MoepruneError, UnsupportedModelError
 from . import slicing
+from .card import model_card
 
 MANIFEST = "moeprune.json"
+CARD = "README.md"
 REMOTE_CODE_FILE = "modeling_moeprune.py"
 
 
@@ -71,8 +73,11 @@ def save_pruned(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    card_plot: str | None = None,
+    card_evaluation: str | None = None,
 ) -> Path:
-    """Save `model` (already pruned in place) with its tokenizer and `moeprune.json`, atomically.
+    """Save `model` (already pruned in place) with its tokenizer, `moeprune.json` and a model card
+    (``README.md``, see `card`), atomically.
 
     Non-uniform expert counts add ``auto_map`` + ``modeling_moeprune.py`` so that
     ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the checkpoint.
@@ -90,6 +95,14 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        card = model_card(
+            manifest,
+            parameters=sum(p.numel() for p in model.parameters()),
+            non_uniform=non_uniform,
+            plot=card_plot,
+            evaluation=card_evaluation,
+        )
+        (tmp / CARD).write_text(card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
 
