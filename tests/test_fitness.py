@@ -195,3 +195,22 @@ def test_replay_failure_falls_back_to_full_forward(mixtral, monkeypatch):
     monkeypatch.undo()
     ref = CandidateEvaluator(mixtral, s, cache="dense", reuse=False, full_forward=True)
     assert ev.evaluate(plan).value == pytest.approx(ref.evaluate(plan).value, abs=1e-7)
+
+
+def test_hidden_cache_evicts_low_scorers_first():
+    from moeprune.fitness.evaluator import HiddenCache, PrefixState
+
+    def state() -> PrefixState:
+        return PrefixState([torch.zeros(256)])  # 1 KiB
+
+    cache = HiddenCache(max_bytes=3 * 1024)
+    for name, score in (("good", 0.9), ("bad", 0.1), ("mid", 0.5)):
+        cache.put((1, (name,)), state())
+        cache.settle([(1, (name,))], score)
+    cache.get((1, ("bad",)))  # recently used, but the lowest score still goes first
+    cache.put((2, ("new",)), state())  # pending: over budget -> evict "bad"
+    assert cache.get((1, ("bad",))) is None
+    assert all(cache.get((1, (n,))) is not None for n in ("good", "mid"))
+    cache.put((3, ("new2",)), state())  # -> evict "mid"; the pending entries stay
+    assert cache.get((1, ("mid",))) is None and cache.get((2, ("new",))) is not None
+    assert cache.bytes <= 3 * 1024

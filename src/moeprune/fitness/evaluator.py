@@ -11,6 +11,7 @@ Results are bitwise those of a full forward (same layers, same inputs); ``reuse=
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -85,12 +86,19 @@ class PrefixState:
 
 
 class HiddenCache:
-    """LRU of `PrefixState`s, bounded in bytes."""
+    """`PrefixState`s bounded in bytes; evicts the entry whose best plan scored lowest first.
+
+    Every entry carries the best search score of the evaluated plans that ran through it. Evolution
+    only mutates its elites, so the prefixes of high-scoring plans are the ones that later candidates
+    share; dropping low scorers first keeps them (ties, and entries of unscored runs, go least
+    recently used first). Entries of the candidate being evaluated cannot be evicted until `settle`.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[PrefixKey, PrefixState] = OrderedDict()
+        self._scores: dict[PrefixKey, float] = {}
 
     @staticmethod
     def _size(state: PrefixState) -> int:
@@ -103,14 +111,27 @@ class HiddenCache:
         return state
 
     def put(self, key: PrefixKey, states: PrefixState) -> None:
+        """Add a pending entry (score +inf until `settle`)."""
         size = self._size(states)
         if key in self._items or size > self.max_bytes:
             return
         self._items[key] = states
+        self._scores[key] = math.inf
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= self._size(old)
+            victim = min(self._items, key=self._scores.__getitem__)
+            if self._scores[victim] == math.inf:
+                break  # only pending entries left
+            self.bytes -= self._size(self._items.pop(victim))
+            del self._scores[victim]
+
+    def settle(self, keys: list[PrefixKey], score: float | None) -> None:
+        """Record that a plan scoring `score` (None: not scored) ran through `keys`."""
+        for key in keys:
+            if key in self._scores:
+                old = self._scores[key]
+                new = -math.inf if score is None else score
+                self._scores[key] = new if old == math.inf else max(old, new)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -149,6 +170,7 @@ class CandidateEvaluator:
         self.full_forward = full_forward
         self.moe_indices = [layer.index for layer in moe_layers(model)]
         self.hidden = HiddenCache(cache_bytes)
+        self._touched: list[PrefixKey] = []  # cache keys the current candidate hit or added
         self.stats = ReuseStats()
         self.positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
         self.labels = [b.labels()[p] for b, p in zip(search.batches, self.positions, strict=True)]  # (n_b,)
@@ -210,6 +232,7 @@ class CandidateEvaluator:
                 hit = self.hidden.get(self._key(m, removed))
                 if hit is not None:
                     start = m
+                    self._touched.append(self._key(m, removed))
                     self.stats.hits += m > self.moe_indices[0]
                     break
         states = list(hit.inputs) if hit is not None else [r.layer0_input for r in self.records]
@@ -228,10 +251,15 @@ class CandidateEvaluator:
             if captured is not None:
                 complete = len(captured) == len(states)
                 self.hidden.put(self._key(i, removed), PrefixState(states, captured if complete else None))
+                self._touched.append(self._key(i, removed))
             states = new_states
         self.stats.layers_run += n_layers - start
         self.stats.layers_total += n_layers
         return states
+
+    def _settle(self, score: float | None) -> None:
+        self.hidden.settle(self._touched, score)
+        self._touched = []
 
     def _full_forward_logits(self) -> list[torch.Tensor]:
         n_layers = self.replay.num_layers if self.replay is not None else 1
@@ -250,7 +278,10 @@ class CandidateEvaluator:
         with mask_experts(self.model, plan):
             if self.full_forward:
                 return self._full_forward_logits()
-            return [self.replay.head(h) for h in self._run_layers(plan)]
+            try:
+                return [self.replay.head(h) for h in self._run_layers(plan)]
+            finally:
+                self._settle(None)
 
     @torch.inference_mode()
     def evaluate(self, plan: ExpertPlan | dict) -> FitnessResult:
@@ -269,10 +300,15 @@ class CandidateEvaluator:
                     rows = logits.reshape(-1, logits.shape[-1])[self.positions[b]]  # (n_b, V)
                     self._score_rows(b, rows, totals, head=False)
             else:
-                for b, hidden in enumerate(self._run_layers(plan)):
-                    rows = hidden.reshape(-1, hidden.shape[-1])[self.positions[b]]  # (n_b, H)
-                    self._score_rows(b, rows, totals, head=True)
+                try:
+                    for b, hidden in enumerate(self._run_layers(plan)):
+                        rows = hidden.reshape(-1, hidden.shape[-1])[self.positions[b]]  # (n_b, H)
+                        self._score_rows(b, rows, totals, head=True)
+                except BaseException:
+                    self._settle(None)
+                    raise
         result = totals.result(self.fitness)
+        self._settle(result.score)
         self.stats.evaluations += 1
         self.stats.eval_seconds += time.perf_counter() - t0
         return result
