@@ -27,14 +27,14 @@ def test_card_lists_kept_experts_and_load_path():
         "criterion": "reap",
         "sparsity": 0.5,
     }
-    card = model_card(manifest, parameters=1234, non_uniform=True, evaluation="| | x |")
+    card = model_card(manifest, parameters=1234, experts={0: 3, 1: 1}, non_uniform=True, evaluation="| | x |")
     assert "| 0 | 3 | 1 |" in card and "| 1 | 1 | 0, 2, 3 |" in card
     assert "4 of 8 routed experts" in card and "1,234" in card
     assert "trust_remote_code=True" in card and "criterion: `reap`" in card
     assert card.rstrip().endswith(
         "`moeprune.json` holds the kept and removed expert ids per layer and the recipe."
     )
-    uniform = model_card(manifest, parameters=1, non_uniform=False)
+    uniform = model_card(manifest, parameters=1, experts={0: 3, 1: 1}, non_uniform=False)
     assert "trust_remote_code" not in uniform and "python -m moeprune.evaluate" in uniform
 
 

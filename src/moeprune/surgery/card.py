@@ -28,12 +28,13 @@ def model_card(
     manifest: Mapping,
     *,
     parameters: int,
+    experts: Mapping[int, int],
     non_uniform: bool,
     plot: str | None = None,
     evaluation: str | None = None,
 ) -> str:
-    """Markdown card for a checkpoint described by `manifest` (``moeprune.json``)."""
-    kept = {int(k): v for k, v in manifest["kept"].items()}
+    """Markdown card for a checkpoint described by `manifest` (``moeprune.json``) holding `experts`
+    routed experts per MoE layer index and `parameters` parameters."""
     removed = {int(k): v for k, v in manifest.get("removed", {}).items()}
     source = manifest.get("source_model", "") or "(unknown)"
     lines = [
@@ -52,19 +53,18 @@ def model_card(
     ]
     recipe = [f"- {k}: `{manifest[k]}`" for k in RECIPE_KEYS if k in manifest]
     lines += recipe or ["- expert plan given explicitly"]
-    total_kept = sum(len(v) for v in kept.values())
+    total_kept = sum(experts.values())
     total_removed = sum(len(v) for v in removed.values())
     lines += [
         f"- experts kept: {total_kept} of {total_kept + total_removed} routed experts"
-        f" in {len(kept)} MoE layers ({'non-uniform' if non_uniform else 'uniform'} per layer)",
+        f" in {len(experts)} MoE layers ({'non-uniform' if non_uniform else 'uniform'} per layer)",
         f"- parameters after pruning: {parameters:,}",
         "",
         "| layer | experts kept | removed (original ids) |",
         "|---:|---:|---|",
     ]
-    lines += [
-        f"| {i} | {len(kept[i])} | {', '.join(map(str, removed.get(i, []))) or '-'} |" for i in sorted(kept)
-    ]
+    for i, n in sorted(experts.items()):
+        lines.append(f"| {i} | {n} | {', '.join(map(str, removed.get(i, []))) or '-'} |")
     if plot:
         lines += ["", f"![experts kept per layer]({plot})"]
     lines += ["", "## Load", "", "```python"]

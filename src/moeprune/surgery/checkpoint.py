@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..arch import family_of
+from ..arch import family_of, moe_layers
 from ..errors import MoepruneError, UnsupportedModelError
 from . import slicing
 from .card import model_card
@@ -98,6 +98,7 @@ def save_pruned(
         card = model_card(
             manifest,
             parameters=sum(p.numel() for p in model.parameters()),
+            experts={layer.index: layer.num_experts for layer in moe_layers(model)},
             non_uniform=non_uniform,
             plot=card_plot,
             evaluation=card_evaluation,
