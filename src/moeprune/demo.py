@@ -150,6 +150,11 @@ def run_demo(
     t0 = time.perf_counter()
     check_run_dir(out, resume=False, overwrite=overwrite)
     say = console.print if console is not None else (lambda *a, **k: None)
+    source = (
+        str(model_dir)
+        if model_dir is not None
+        else "moeprune bundled testbed (moeprune/assets/testbed/model)"
+    )
     model, tokenizer, model_dir, data_dir = load_testbed(model_dir, data_dir)
     say(f"[1/4] observe: {criterion} ranking from {calib_samples} x {seq_len} calibration tokens per domain")
     calib = token_split(tokenizer, data_dir / "calibration.jsonl", calib_samples, seq_len, seed)
@@ -180,7 +185,7 @@ def run_demo(
         model,
         outcome,
         out,
-        source=str(model_dir),
+        source=source,
         tokenizer=tokenizer,
         sparsity=sparsity,
         criterion=criterion,
