@@ -53,6 +53,31 @@ def candidate_counts(space: AllocationSpace, n: int, seed: int) -> list[tuple[in
     return list(dict.fromkeys(plans))[:n]
 
 
+def plot_rows(rows: list[dict], sparsities: list[float], unpruned_em: float, path: str) -> None:
+    """ESAP (x) against measured acceptance and exact match (y), one colour per sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (axes[0], "acceptance", "measured speculative acceptance"),
+        (axes[1], "exact_match", "generation exact match"),
+    ):
+        for sparsity in sparsities:
+            sub = [r for r in rows if r["sparsity"] == sparsity]
+            ax.scatter([r["esap"] for r in sub], [r[key] for r in sub], label=f"sparsity {sparsity}", s=18)
+        rho, _ = spearmanr([r["esap"] for r in rows], [r[key] for r in rows])
+        ax.set(xlabel="ESAP (held-out, teacher-forced)", ylabel=label, title=f"{label}: Spearman {rho:.3f}")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(unpruned_em, color="grey", ls="--", lw=0.8, label="unpruned")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -66,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--items", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the per-plan measurements here")
+    p.add_argument("--plot", default=None, help="write the scatter plots (PNG) here")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     out = Console()
@@ -139,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             t.add_row(f"  within sparsity {sparsity}", f"{rho_s:.3f}", "")
     out.print(t)
     out.print(f"unpruned exact match {reference['exact_match']:.3f}; {time.perf_counter() - t0:.0f}s")
+    if args.plot:
+        plot_rows(rows, sparsities, reference["exact_match"], args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "unpruned_exact_match": reference["exact_match"]}, f, indent=1)
