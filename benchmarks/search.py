@@ -20,16 +20,30 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import kendalltau
 
 from moeprune import api
-from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_counts
+from moeprune.allocate import AllocationSpace, EvoConfig, evolve, mutate, plan_from_counts
 from moeprune.arch import moe_layers
 from moeprune.demo import load_testbed, removal_order_for, token_split
 from moeprune.fitness import CandidateEvaluator
+
+
+def shared_prefix_share(space: AllocationSpace, base: tuple[int, ...], samples: int = 4000) -> float:
+    """Mean share of MoE layers before the first one a SPEC mutant changes: the most a mutant can
+    take from its parent's cached prefix (the structural bound of prefix reuse)."""
+    rng = np.random.Generator(np.random.PCG64(0))
+    cfg, n, shares = EvoConfig(), len(space.layers), []
+    for _ in range(samples):
+        child = mutate(space, base, cfg, rng)
+        changed = [i for i in range(n) if child[i] != base[i]]
+        if changed:
+            shares.append(changed[0] / n)
+    return float(np.mean(shares))
 
 
 def timed_search(model, search, space, order, cfg, probe, plain_every: int = 4, **evaluator_kwargs):
@@ -123,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         lambda n, ev, r, v, s, ratio, pairs: f"{statistics.median(pairs):.2f}")  # fmt: skip
     row("decoder layers run / full forward", lambda n, ev, *_: f"{ev.stats.layer_fraction():.2f}",
         f"hit rate {fast_ev.stats.hit_rate():.0%}")  # fmt: skip
+    sparse_best = res[SPARSE][1].best
+    bound = shared_prefix_share(space, sparse_best)
+    t.add_row(
+        "  layers a mutant can take from its parent (SPEC mutation, simulated)",
+        f"{bound:.2f}",
+        "",
+        "",
+        f"around {list(sparse_best)}",
+    )
     row("  restarts that took the layer's attention output from the cache",
         lambda n, ev, *_: f"{ev.stats.attention_reused}" if ev.reuse else "")  # fmt: skip
     row("teacher cache bytes",
