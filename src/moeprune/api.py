@@ -341,3 +341,59 @@ def save_search(
     )
     write_run_files(outcome, out, outcome.best_fitness.get("name", "esap"))
     return out
+
+
+# --- EEP prune phase: which experts each layer keeps, by evolutionary search -----------------------
+
+
+def eep_prune(
+    model: PreTrainedModel,
+    search_data,
+    *,
+    sparsity: float | None = None,
+    removed_per_layer: dict[int, int] | None = None,
+    fitness: str = "esap",
+    cache: str = "sparse",
+    top_k: int = 64,
+    population: int = 16,
+    iterations: int = 100,
+    seed: int = 0,
+    seeds: tuple[ExpertPlan, ...] = (),
+    progress: bool = True,
+):
+    """EEP's prune phase on `model`: search which experts each MoE layer keeps, scored by `fitness`
+    on `search_data` (a `SearchSet` or `TokenSet`) by exact masking. How many each layer loses is
+    given: a uniform `sparsity`, or `removed_per_layer` (e.g. an EvoESAP plan's counts). `seeds`
+    (e.g. a criterion's plan) join the random initial population. Returns `merge.EEPResult`; the
+    model is left unchanged (prune it with ``prune(model, result.best)``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .allocate import AllocationSpace, uniform_counts
+    from .errors import MoepruneError
+    from .fitness import CandidateEvaluator, SearchSet
+    from .merge import EEPConfig, eep_prune_search, layer_choices
+
+    if (sparsity is None) == (removed_per_layer is None):
+        raise MoepruneError("give exactly one of sparsity or removed_per_layer")
+    layers = moe_layers(model)
+    if removed_per_layer is None:
+        space = AllocationSpace.from_layers(layers, sparsity=sparsity)
+        removed_per_layer = dict(zip([r.index for r in space.layers], uniform_counts(space), strict=True))
+    keep = {layer.index: layer.num_experts - int(removed_per_layer.get(layer.index, 0)) for layer in layers}
+    choices = layer_choices(layers, keep)
+    cfg = EEPConfig(population=population, iterations=iterations, seed=seed)
+    if not isinstance(search_data, SearchSet):
+        search_data = search_set(search_data)
+    evaluator = CandidateEvaluator(model, search_data, fitness=fitness, cache=cache, top_k=top_k)
+    with Progress(
+        TextColumn("EEP prune"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(), disable=not progress, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("eep", total=iterations, best="-")
+        return eep_prune_search(
+            choices,
+            lambda plan: evaluator.evaluate(plan).score,
+            cfg,
+            seeds=seeds,
+            progress=lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}"),
+        )

@@ -1,0 +1,78 @@
+"""EEP prune phase: a seeded evolutionary search over which experts each layer keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeprune import api
+from moeprune.arch import moe_layers
+from moeprune.errors import MoepruneError
+from moeprune.fitness import CandidateEvaluator, SearchSet
+from moeprune.merge import EEPConfig, eep_prune_search, layer_choices
+from moeprune.merge.prune_search import mutate
+from tiny_models import tiny_model
+
+
+def search_set(seed: int = 0) -> SearchSet:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (4, 12), generator=g)
+    return SearchSet.from_tensors(ids, torch.ones_like(ids), batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_model("qwen3_moe")
+
+
+def test_mutation_keeps_counts_and_groups():
+    model = tiny_model("deepseek_v3")
+    layers = moe_layers(model)
+    keep = {layer.index: layer.num_experts // 2 for layer in layers}
+    choices = layer_choices(layers, keep)
+    rng = np.random.Generator(np.random.PCG64(0))
+    sel = tuple(c.random(rng) for c in choices)
+    for _ in range(50):
+        child = mutate(choices, sel, 0.15, rng)
+        assert child != sel  # at least one slot moves
+        for c, kept in zip(choices, child, strict=True):
+            assert len(set(kept)) == c.keep
+            per_group = [sum(c.group_of(e) == g for e in kept) for g in range(c.num_groups)]
+            assert per_group == [c.keep // c.num_groups] * c.num_groups
+        sel = child
+
+
+def test_search_is_seeded_and_never_loses_its_seed(qwen):
+    s = search_set()
+    ev = CandidateEvaluator(qwen, s, cache="dense")
+    layers = moe_layers(qwen)
+    choices = layer_choices(layers, {layer.index: layer.num_experts // 2 for layer in layers})
+    seed_plan = api.ExpertPlan.from_removed({c.index: list(range(c.num_experts // 2)) for c in choices})
+
+    def run(seed: int):
+        return eep_prune_search(
+            choices,
+            lambda plan: ev.evaluate(plan).score,
+            EEPConfig(population=6, iterations=4, seed=seed),
+            seeds=[seed_plan],
+        )
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.best == b.best and a.history == b.history
+    assert a.best_score >= ev.evaluate(seed_plan).score  # elitism: the seed is in the population
+    assert [h["best"] for h in a.history] == sorted(h["best"] for h in a.history)
+    assert a.best_score == pytest.approx(ev.evaluate(a.best).score, abs=1e-12)
+    assert a.history != c.history
+    for layer in layers:
+        assert len(a.best.removed[layer.index]) == layer.num_experts // 2
+
+
+def test_api_eep_prune_uniform_sparsity(qwen):
+    result = api.eep_prune(qwen, search_set(), sparsity=0.5, population=4, iterations=2, progress=False)
+    assert {len(v) for v in result.best.removed.values()} == {4}  # 8 experts per layer, half removed
+    assert result.evaluations <= 4 + 3 * 1 + 1
+    with pytest.raises(MoepruneError, match="exactly one"):
+        api.eep_prune(qwen, search_set(), progress=False)
+    with pytest.raises(MoepruneError, match="cannot keep"):
+        api.eep_prune(qwen, search_set(), removed_per_layer={0: 8}, progress=False)
