@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,33 @@ def test_api_eep_prune_uniform_sparsity(qwen):
         api.eep_prune(qwen, search_set(), progress=False)
     with pytest.raises(MoepruneError, match="cannot keep"):
         api.eep_prune(qwen, search_set(), removed_per_layer={0: 8}, progress=False)
+
+
+TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
+
+
+def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
+    from transformers import AutoConfig
+
+    from tiny_tokenizer import tiny_tokenizer
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    args = (
+        "eep-prune", tmp_path / "model", "--sparsity", "0.5", "--search-data", tmp_path / "text.txt",
+        "--out", out, "--population", "4", "--iterations", "2", "--search-samples", "2",
+        "--search-seq-len", "32",
+    )  # fmt: skip
+    code, _, err = run_cli(*args, "--criterion", "frequency", "--data", tmp_path / "text.txt",
+                           "--num-samples", "4", "--seq-len", "32")  # fmt: skip
+    assert code == 0, err
+    assert AutoConfig.from_pretrained(out).num_experts == 4  # uniform: a stock checkpoint
+    manifest = json.loads((out / "moeprune.json").read_text())
+    assert manifest["selection"] == "eep_prune" and (out / "eep_history.json").exists()
+    assert "selection: `eep_prune`" in (out / "README.md").read_text()
+    bad = ("eep-prune", tmp_path / "model", "--sparsity", "0.5", "--search-data", tmp_path / "text.txt",
+           "--out", tmp_path / "o2", "--criterion", "frequency")  # fmt: skip
+    code, _, err = run_cli(*bad)
+    assert code == 2 and "go together" in err and len(err.strip().splitlines()) == 1

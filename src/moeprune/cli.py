@@ -286,6 +286,87 @@ def search(
     )
 
 
+@app.command("eep-prune")
+def eep_prune(
+    model: ModelArg,
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of each layer's experts removed.")],
+    search_data: Annotated[
+        str,
+        typer.Option("--search-data", help="Search data (file or hub dataset) the fitness is measured on."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory of the pruned checkpoint.")],
+    criterion: Annotated[
+        str | None,
+        typer.Option("--criterion", help="Seed the population with this criterion's plan (needs --data)."),
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Calibration data for --criterion.")] = None,
+    fitness: Annotated[
+        str, typer.Option("--fitness", help="esap, kl_teacher_draft, kl_draft_teacher, nll.")
+    ] = "esap",
+    population: Annotated[int, typer.Option("--population", help="Selections per iteration.")] = 16,
+    iterations: Annotated[int, typer.Option("--iterations", help="Iterations of the search.")] = 100,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    text_field: TextFieldOpt = "text",
+    num_samples: NumSamplesOpt = 128,
+    seq_len: SeqLenOpt = 512,
+    search_samples: Annotated[
+        int, typer.Option("--search-samples", help="Search samples (seeded draw).")
+    ] = 16,
+    search_seq_len: Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")] = 256,
+) -> None:
+    """EEP prune phase: search which experts each layer keeps (uniform --sparsity), prune, save to --out."""
+    import json
+
+    from . import api
+    from .criteria import get_criterion
+    from .fitness import FITNESS
+    from .surgery.checkpoint import check_output_dir
+
+    check_output_dir(out, overwrite)
+    FITNESS.get(fitness)
+    if not 0.0 <= sparsity < 1.0:
+        fail(f"--sparsity must be in [0, 1), got {sparsity}")
+    if (criterion is None) != (data is None):
+        fail("--criterion and --data go together (the criterion's plan seeds the search)")
+    if criterion is not None:
+        get_criterion(criterion)
+    api.check_model(model)
+    tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
+    calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed) if data else None
+    loaded = api.load(model)
+    seeds = ()
+    if criterion is not None:
+        stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
+        seeds = (api.criterion_plan(stats, criterion, sparsity=sparsity, seed=seed),)
+    result = api.eep_prune(
+        loaded, tokens, sparsity=sparsity, fitness=fitness, population=population, iterations=iterations,
+        seed=seed, seeds=seeds,
+    )  # fmt: skip
+    counts = api.expert_counts(loaded)
+    kept = api.prune(loaded, result.best)
+    extra = {
+        "selection": "eep_prune",
+        "fitness": fitness,
+        "sparsity": sparsity,
+        "plan": result.best.to_dict(),
+    }
+    if criterion is not None:
+        extra["criterion"] = f"{criterion} (seed of the search)"
+    api.save(
+        loaded, out, source=model, kept=kept, num_experts=counts, tokenizer=api.load_tokenizer(model),
+        overwrite=overwrite, **extra,
+    )  # fmt: skip
+    (out / "eep_history.json").write_text(
+        json.dumps({"evaluations": result.evaluations, "history": result.history}, indent=1) + "\n"
+    )
+    console.print(
+        f"EEP prune ({fitness}): best {result.best_score:.5f} after {result.evaluations} candidates in "
+        f"{result.seconds:.1f}s -> {out} (checkpoint, moeprune.json, eep_history.json)",
+        highlight=False,
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory of the demo.")] = Path("moeprune-demo"),
