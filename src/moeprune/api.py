@@ -397,3 +397,55 @@ def eep_prune(
             seeds=seeds,
             progress=lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}"),
         )
+
+
+def eep_merge(
+    model: PreTrainedModel,
+    search_data,
+    anchors: ExpertPlan,
+    *,
+    fitness: str = "esap",
+    cache: str = "sparse",
+    top_k: int = 64,
+    population: int = 8,
+    iterations: int = 300,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """EEP's merge phase: with `anchors` (the experts each layer keeps, e.g. ``eep_prune(...).best``)
+    fixed, search the merging matrices that fold every expert of a layer into its anchors, scored by
+    `fitness` on `search_data` with the merged weights in place (exact masking, full forward per
+    candidate). Returns `merge.merge_search.MergeResult`; ``merge_experts_(model, result.best)``
+    applies it. The model is left unchanged."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .fitness import CandidateEvaluator, SearchSet
+    from .merge.merge_search import MergeConfig, eep_merge_search
+    from .merge.merging import expert_plan, merged_weights
+    from .surgery import validate_plan
+
+    layers = moe_layers(model)
+    kept = validate_plan(model, anchors, layers)
+    num_experts = {layer.index: layer.num_experts for layer in layers}
+    cfg = MergeConfig(population=population, iterations=iterations, seed=seed)
+    if not isinstance(search_data, SearchSet):
+        search_data = search_set(search_data)
+    # every candidate changes the weights of every layer: no prefix to reuse
+    evaluator = CandidateEvaluator(model, search_data, fitness=fitness, cache=cache, top_k=top_k, reuse=False)
+
+    def score(plan) -> float:
+        with merged_weights(model, plan):
+            return evaluator.evaluate(expert_plan(model, plan)).score
+
+    with Progress(
+        TextColumn("EEP merge"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(), disable=not progress, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("merge", total=iterations, best="-")
+        return eep_merge_search(
+            {i: tuple(v) for i, v in kept.items()},
+            num_experts,
+            score,
+            cfg,
+            progress=lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}"),
+        )
