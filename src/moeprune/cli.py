@@ -305,6 +305,15 @@ def eep_prune(
     ] = "esap",
     population: Annotated[int, typer.Option("--population", help="Selections per iteration.")] = 16,
     iterations: Annotated[int, typer.Option("--iterations", help="Iterations of the search.")] = 100,
+    merge_iterations: Annotated[
+        int,
+        typer.Option(
+            "--merge-iterations", help="Then merge every expert into the kept ones (0: prune only)."
+        ),
+    ] = 0,
+    merge_population: Annotated[
+        int, typer.Option("--merge-population", help="Merge candidates per iteration.")
+    ] = 8,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     text_field: TextFieldOpt = "text",
@@ -315,7 +324,8 @@ def eep_prune(
     ] = 16,
     search_seq_len: Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")] = 256,
 ) -> None:
-    """EEP prune phase: search which experts each layer keeps (uniform --sparsity), prune, save to --out."""
+    """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
+    them (--merge-iterations), and save the smaller checkpoint to --out."""
     import json
 
     from . import api
@@ -329,6 +339,12 @@ def eep_prune(
         fail(f"--sparsity must be in [0, 1), got {sparsity}")
     if (criterion is None) != (data is None):
         fail("--criterion and --data go together (the criterion's plan seeds the search)")
+    from .merge import EEPConfig
+    from .merge.merge_search import MergeConfig
+
+    EEPConfig(population=population, iterations=iterations)  # bad settings fail here, before any work
+    if merge_iterations > 0:
+        MergeConfig(population=merge_population, iterations=merge_iterations)
     if criterion is not None:
         get_criterion(criterion)
     api.check_model(model)
@@ -344,9 +360,19 @@ def eep_prune(
         seed=seed, seeds=seeds,
     )  # fmt: skip
     counts = api.expert_counts(loaded)
-    kept = api.prune(loaded, result.best)
+    merged = None
+    if merge_iterations > 0:
+        from .merge.merging import merge_experts_
+
+        merged = api.eep_merge(
+            loaded, tokens, result.best, fitness=fitness, population=merge_population,
+            iterations=merge_iterations, seed=seed,
+        )  # fmt: skip
+        kept = merge_experts_(loaded, merged.best)
+    else:
+        kept = api.prune(loaded, result.best)
     extra = {
-        "selection": "eep_prune",
+        "selection": "eep_prune" + (" + eep_merge" if merged is not None else ""),
         "fitness": fitness,
         "sparsity": sparsity,
         "plan": result.best.to_dict(),
@@ -357,14 +383,21 @@ def eep_prune(
         loaded, out, source=model, kept=kept, num_experts=counts, tokenizer=api.load_tokenizer(model),
         overwrite=overwrite, **extra,
     )  # fmt: skip
-    (out / "eep_history.json").write_text(
-        json.dumps({"evaluations": result.evaluations, "history": result.history}, indent=1) + "\n"
-    )
-    console.print(
-        f"EEP prune ({fitness}): best {result.best_score:.5f} after {result.evaluations} candidates in "
-        f"{result.seconds:.1f}s -> {out} (checkpoint, moeprune.json, eep_history.json)",
-        highlight=False,
-    )
+    history = {"prune": {"evaluations": result.evaluations, "history": result.history}}
+    if merged is not None:
+        history["merge"] = {"evaluations": merged.evaluations, "history": merged.history}
+        merging = {
+            str(i): {"anchors": list(m.anchors), "M": m.weights.tolist()} for i, m in merged.best.items()
+        }
+        (out / "merging.json").write_text(json.dumps(merging) + "\n")
+    (out / "eep_history.json").write_text(json.dumps(history, indent=1) + "\n")
+    summary = f"EEP prune ({fitness}): best {result.best_score:.5f} after {result.evaluations} candidates"
+    if merged is not None:
+        summary += (
+            f"; merge: {merged.start_score:.5f} (pruned) -> {merged.best_score:.5f} after "
+            f"{merged.evaluations} candidates (merging.json)"
+        )
+    console.print(f"{summary} -> {out} (checkpoint, moeprune.json, eep_history.json)", highlight=False)
 
 
 @app.command()
