@@ -1,17 +1,20 @@
-"""EEP's prune phase on the testbed: which experts to keep, searched by ESAP, vs a criterion's choice.
+"""EEP on the testbed: a criterion's choice vs EEP's prune phase vs prune + merge phases.
 
-Same counts for every plan (uniform sparsity); the criterion's plan seeds the EEP population
-(together with random selections), so the search starts from it and can only improve the search-set
-ESAP. Every plan is evaluated by exact masking: ESAP on held-out text (dense teacher), per-domain
-perplexity, generation exact match and multiple-choice accuracy.
+Same counts for every plan (uniform sparsity). The criterion's plan seeds the EEP prune population
+(with random selections), so the search starts from it and can only improve the search-set ESAP;
+the merge phase starts from the prune phase's selection (one-hot M) and folds every expert into the
+kept ones. Pruned plans are evaluated by exact masking, the merged model structurally (merged, then
+non-anchors removed): ESAP on held-out text (dense teacher), per-domain perplexity, generation exact
+match and multiple-choice accuracy.
 
     python benchmarks/testbed_eep_prune.py [--criterion frequency] [--sparsity 0.5] \
-        [--population 16] [--iterations 30] [--json out.json]
+        [--population 16] [--iterations 30] [--merge-iterations 40] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -22,6 +25,9 @@ from rich.console import Console
 from moeprune import api
 from moeprune.criteria import choose_removed, uniform_counts
 from moeprune.demo import comparison_table, evaluate_plans, heldout_esap, load_testbed, token_split
+from moeprune.evaluate import evaluate_suite
+from moeprune.fitness import CandidateEvaluator
+from moeprune.merge.merging import merge_experts_
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--merge-population", type=int, default=8)
+    p.add_argument("--merge-iterations", type=int, default=40)
     p.add_argument("--calib-samples", type=int, default=8, help="windows per domain")
     p.add_argument("--search-samples", type=int, default=2, help="windows per domain")
     p.add_argument("--heldout-samples", type=int, default=2, help="windows per domain")
@@ -55,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, seeds=(criterion_plan,),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    merged_result = api.eep_merge(
+        model, search, result.best, population=args.merge_population, iterations=args.merge_iterations,
+        seed=args.seed,
+    )  # fmt: skip
+    merge_seconds = time.perf_counter() - t1
     plans = {
         "unpruned": None,
         args.criterion: criterion_plan,
@@ -64,14 +78,17 @@ def main(argv: list[str] | None = None) -> None:
         token_split(tok, data_dir / "test.jsonl", args.heldout_samples, 256, args.seed + 1)
     )
     esap = heldout_esap(model, heldout, plans)
-    results = evaluate_plans(
-        model,
-        tok,
-        plans,
-        suite_dir=data_dir,
-        max_tokens_per_domain=args.eval_tokens,
-        max_items=args.eval_items,
-    )
+    suite = dict(suite_dir=data_dir, max_tokens_per_domain=args.eval_tokens, max_items=args.eval_items)
+    results = evaluate_plans(model, tok, plans, **suite)
+    merged = copy.deepcopy(model)
+    merge_experts_(merged, merged_result.best)
+    teacher = CandidateEvaluator(model, heldout, cache="dense", reuse=False)
+    with torch.inference_mode():
+        logits = [
+            merged(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in heldout.batches
+        ]
+    esap["EEP prune + merge"] = teacher.score_logits(logits).value
+    results["EEP prune + merge"] = evaluate_suite(merged, tok, **suite)
     title = f"{args.criterion} vs EEP prune phase at {args.sparsity:.0%} sparsity (uniform counts, testbed)"
     out.print(comparison_table(results, esap, title))
     first = result.history[0]["best"]
@@ -83,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         i: len(set(result.best.removed[i]) - set(criterion_plan.removed[i])) for i in result.best.removed
     }
     out.print(f"experts swapped relative to {args.criterion}, per layer: {changed}")
+    out.print(
+        f"merge phase: search ESAP {merged_result.start_score:.5f} (pruned) -> {merged_result.best_score:.5f}; "
+        f"{merged_result.evaluations} candidates, {merge_seconds:.0f}s"
+    )
     if args.json:
         report = {
             "settings": vars(args),
