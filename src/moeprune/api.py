@@ -359,19 +359,23 @@ def eep_prune(
     iterations: int = 100,
     seed: int = 0,
     seeds: tuple[ExpertPlan, ...] = (),
+    active_experts: int | None = None,
     progress: bool = True,
 ):
     """EEP's prune phase on `model`: search which experts each MoE layer keeps, scored by `fitness`
     on `search_data` (a `SearchSet` or `TokenSet`) by exact masking. How many each layer loses is
     given: a uniform `sparsity`, or `removed_per_layer` (e.g. an EvoESAP plan's counts). `seeds`
-    (e.g. a criterion's plan) join the random initial population. Returns `merge.EEPResult`; the
-    model is left unchanged (prune it with ``prune(model, result.best)``)."""
+    (e.g. a criterion's plan) join the random initial population. With `active_experts` = k', the
+    candidates route every token to k' experts (the teacher keeps the model's own top-k): EEP's
+    active-expert reduction. Returns `merge.EEPResult`; the model is left unchanged (prune it with
+    ``prune(model, result.best)``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .allocate import AllocationSpace, uniform_counts
     from .errors import MoepruneError
     from .fitness import CandidateEvaluator, SearchSet
     from .merge import EEPConfig, eep_prune_search, layer_choices
+    from .merge.active import reduced_active_experts
 
     if (sparsity is None) == (removed_per_layer is None):
         raise MoepruneError("give exactly one of sparsity or removed_per_layer")
@@ -385,7 +389,7 @@ def eep_prune(
     if not isinstance(search_data, SearchSet):
         search_data = search_set(search_data)
     evaluator = CandidateEvaluator(model, search_data, fitness=fitness, cache=cache, top_k=top_k)
-    with Progress(
+    with reduced_active_experts(model, active_experts), Progress(
         TextColumn("EEP prune"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
         TimeElapsedColumn(), disable=not progress, transient=True,
     ) as bar:  # fmt: skip
@@ -410,16 +414,19 @@ def eep_merge(
     population: int = 8,
     iterations: int = 300,
     seed: int = 0,
+    active_experts: int | None = None,
     progress: bool = True,
 ):
     """EEP's merge phase: with `anchors` (the experts each layer keeps, e.g. ``eep_prune(...).best``)
     fixed, search the merging matrices that fold every expert of a layer into its anchors, scored by
     `fitness` on `search_data` with the merged weights in place (exact masking, full forward per
-    candidate). Returns `merge.merge_search.MergeResult`; ``merge_experts_(model, result.best)``
-    applies it. The model is left unchanged."""
+    candidate), routing to `active_experts` experts per token when given. Returns
+    `merge.merge_search.MergeResult`; ``merge_experts_(model, result.best)`` applies it. The model
+    is left unchanged."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .fitness import CandidateEvaluator, SearchSet
+    from .merge.active import reduced_active_experts
     from .merge.merge_search import MergeConfig, eep_merge_search
     from .merge.merging import expert_plan, merged_weights
     from .surgery import validate_plan
@@ -437,7 +444,7 @@ def eep_merge(
         with merged_weights(model, plan):
             return evaluator.evaluate(expert_plan(model, plan)).score
 
-    with Progress(
+    with reduced_active_experts(model, active_experts), Progress(
         TextColumn("EEP merge"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
         TimeElapsedColumn(), disable=not progress, transient=True,
     ) as bar:  # fmt: skip

@@ -314,6 +314,12 @@ def eep_prune(
     merge_population: Annotated[
         int, typer.Option("--merge-population", help="Merge candidates per iteration.")
     ] = 8,
+    active: Annotated[
+        int | None,
+        typer.Option(
+            "--active-experts", help="Route every token to this many experts (below the model's top-k)."
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     text_field: TextFieldOpt = "text",
@@ -352,12 +358,17 @@ def eep_prune(
     calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed) if data else None
     loaded = api.load(model)
     seeds = ()
+    if active is not None:
+        from .merge.active import reduced_active_experts
+
+        with reduced_active_experts(loaded, active):  # a bad count fails here, before any search
+            pass
     if criterion is not None:
         stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
         seeds = (api.criterion_plan(stats, criterion, sparsity=sparsity, seed=seed),)
     result = api.eep_prune(
         loaded, tokens, sparsity=sparsity, fitness=fitness, population=population, iterations=iterations,
-        seed=seed, seeds=seeds,
+        seed=seed, seeds=seeds, active_experts=active,
     )  # fmt: skip
     counts = api.expert_counts(loaded)
     merged = None
@@ -366,17 +377,23 @@ def eep_prune(
 
         merged = api.eep_merge(
             loaded, tokens, result.best, fitness=fitness, population=merge_population,
-            iterations=merge_iterations, seed=seed,
+            iterations=merge_iterations, seed=seed, active_experts=active,
         )  # fmt: skip
         kept = merge_experts_(loaded, merged.best)
     else:
         kept = api.prune(loaded, result.best)
+    if active is not None:
+        from .merge.active import set_active_experts_
+
+        set_active_experts_(loaded, active)
     extra = {
         "selection": "eep_prune" + (" + eep_merge" if merged is not None else ""),
         "fitness": fitness,
         "sparsity": sparsity,
         "plan": result.best.to_dict(),
     }
+    if active is not None:
+        extra["active_experts"] = active
     if criterion is not None:
         extra["criterion"] = f"{criterion} (seed of the search)"
     api.save(

@@ -153,6 +153,7 @@ _TABLE: dict[str, MoEFamily] = {
             top_k_key="num_experts_per_tok",
             router_tensors=(("router.weight", 0),),
             count_attrs=("num_experts", "router.num_experts", "router.out_features", "experts.num_experts"),
+            fixed_top_k="sparsemixer always selects 2 experts, whatever num_experts_per_tok says",
         ),
         MoEFamily(
             model_type="ernie4_5_moe",

@@ -45,6 +45,7 @@ class MoEFamily:
     shared_attrs: tuple[str, ...] = ()  # shared experts, left untouched
     layers_path: str = "model.layers"
     extra_config_keys: tuple[str, ...] = field(default=())  # other keys that mirror the count
+    fixed_top_k: str | None = None  # why the family's routing ignores top_k_key, if it does
 
     def slicing_spec(self) -> dict:
         """The plain-dict subset of this entry that `surgery.slicing` needs (also written into

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-RECIPE_KEYS = ("criterion", "sparsity", "allocation", "selection", "fitness")
+RECIPE_KEYS = ("criterion", "sparsity", "allocation", "selection", "active_experts", "fitness")
 
 
 def markdown_table(columns: Mapping[str, Mapping[str, str]]) -> str:
