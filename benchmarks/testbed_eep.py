@@ -7,7 +7,7 @@ kept ones. Pruned plans are evaluated by exact masking, the merged model structu
 non-anchors removed): ESAP on held-out text (dense teacher), per-domain perplexity, generation exact
 match and multiple-choice accuracy.
 
-    python benchmarks/testbed_eep_prune.py [--criterion frequency] [--sparsity 0.5] \
+    python benchmarks/testbed_eep.py [--criterion frequency] [--sparsity 0.5] \
         [--population 16] [--iterations 30] [--merge-iterations 40] [--active-experts K] [--json out.json]
 """
 
