@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--generations", type=int, default=10)
     p.add_argument("--calib-samples", type=int, default=8, help="windows per domain")
     p.add_argument("--search-samples", type=int, default=2, help="windows per domain")
+    p.add_argument(
+        "--search-file", default=None, help="search split (jsonl; default: the testbed's search.jsonl)"
+    )
     p.add_argument("--heldout-samples", type=int, default=4, help="windows per domain")
     p.add_argument("--eval-tokens", type=int, default=8000, help="perplexity tokens per domain")
     p.add_argument("--eval-items", type=int, default=200)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
     calib = token_split(tok, data_dir / "calibration.jsonl", args.calib_samples, 256, args.seed)
     stats = api.observe(model, calib, criteria=criteria, seed=args.seed, progress=False)
-    search = api.search_set(token_split(tok, data_dir / "search.jsonl", args.search_samples, 256, args.seed))
+    search_file = args.search_file or data_dir / "search.jsonl"
+    search = api.search_set(token_split(tok, search_file, args.search_samples, 256, args.seed))
     heldout = api.search_set(
         token_split(tok, data_dir / "test.jsonl", args.heldout_samples, 256, args.seed + 1)
     )
