@@ -23,7 +23,7 @@ from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_coun
 from moeprune.arch import moe_layers
 from moeprune.criteria import removal_order
 from moeprune.demo import evaluate_plans, heldout_esap, load_testbed, token_split
-from moeprune.fitness import CandidateEvaluator
+from moeprune.fitness import CandidateEvaluator, SearchSet
 
 
 def fmt_row(name: str, esap: float, res: dict, cost: str) -> str:
@@ -31,6 +31,24 @@ def fmt_row(name: str, esap: float, res: dict, cost: str) -> str:
     return (
         f"| {name} | {esap:.4f} | {ppl} | {100 * res['generation']['exact_match']:.1f}% | "
         f"{100 * res['multiple_choice']['accuracy']:.1f}% | {cost} |"
+    )
+
+
+def answers_only(tokens, tok) -> SearchSet:
+    """The search windows with only the answers of ``a<op>b=c`` lines scored: the tokens after '='
+    up to and including the newline (the testbed's tokenizer has one token per digit)."""
+    eq, nl = tok.convert_tokens_to_ids("="), tok("\n")["input_ids"][-1]
+    score = torch.zeros_like(tokens.attention_mask, dtype=torch.bool)  # (N, L)
+    for i, row in enumerate(tokens.input_ids.tolist()):
+        inside = False
+        for t, token in enumerate(row):
+            if inside:
+                score[i, t] = True
+                inside = token != nl
+            elif token == eq:
+                inside = True
+    return SearchSet.from_tensors(
+        tokens.input_ids, tokens.attention_mask, score & tokens.attention_mask.bool()
     )
 
 
@@ -61,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     calib = token_split(tok, data_dir / "calibration.jsonl", args.calib_samples, 256, args.seed)
     stats = api.observe(model, calib, criteria=criteria, seed=args.seed, progress=False)
     search_file = args.search_file or data_dir / "search.jsonl"
-    search = api.search_set(token_split(tok, search_file, args.search_samples, 256, args.seed))
+    tokens = token_split(tok, search_file, args.search_samples, 256, args.seed)
+    search = api.search_set(tokens) if not args.score_answers else answers_only(tokens, tok)
     heldout = api.search_set(
         token_split(tok, data_dir / "test.jsonl", args.heldout_samples, 256, args.seed + 1)
     )
