@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-samples", type=int, default=8, help="windows per domain")
     p.add_argument("--search-samples", type=int, default=2, help="windows per domain")
     p.add_argument(
+        "--score-answers",
+        action="store_true",
+        help="score only the answer tokens of arithmetic lines (after '=' up to the newline)",
+    )
+    p.add_argument(
         "--search-file", default=None, help="search split (jsonl; default: the testbed's search.jsonl)"
     )
     p.add_argument("--heldout-samples", type=int, default=4, help="windows per domain")
