@@ -71,11 +71,15 @@ def save(
     num_experts: dict[int, int],
     tokenizer=None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
     **extra,
 ) -> Path:
-    """Write the pruned checkpoint, tokenizer and ``moeprune.json`` atomically to `out_dir`."""
+    """Write the pruned checkpoint, tokenizer, ``moeprune.json`` and `extra_files` ({name: text})
+    atomically to `out_dir`."""
     record = manifest(source, kept, num_experts, family=family_of(model.config).model_type, **extra)
-    return save_pruned(model, out_dir, manifest=record, tokenizer=tokenizer, overwrite=overwrite)
+    return save_pruned(
+        model, out_dir, manifest=record, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files
+    )
 
 
 def expert_counts(model: PreTrainedModel) -> dict[int, int]:

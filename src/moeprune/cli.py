@@ -396,18 +396,19 @@ def eep_prune(
         extra["active_experts"] = active
     if criterion is not None:
         extra["criterion"] = f"{criterion} (seed of the search)"
-    api.save(
-        loaded, out, source=model, kept=kept, num_experts=counts, tokenizer=api.load_tokenizer(model),
-        overwrite=overwrite, **extra,
-    )  # fmt: skip
+    files = {}
     history = {"prune": {"evaluations": result.evaluations, "history": result.history}}
     if merged is not None:
         history["merge"] = {"evaluations": merged.evaluations, "history": merged.history}
         merging = {
             str(i): {"anchors": list(m.anchors), "M": m.weights.tolist()} for i, m in merged.best.items()
         }
-        (out / "merging.json").write_text(json.dumps(merging) + "\n")
-    (out / "eep_history.json").write_text(json.dumps(history, indent=1) + "\n")
+        files["merging.json"] = json.dumps(merging) + "\n"
+    files["eep_history.json"] = json.dumps(history, indent=1) + "\n"
+    api.save(
+        loaded, out, source=model, kept=kept, num_experts=counts, tokenizer=api.load_tokenizer(model),
+        overwrite=overwrite, extra_files=files, **extra,
+    )  # fmt: skip
     summary = f"EEP prune ({fitness}): best {result.best_score:.5f} after {result.evaluations} candidates"
     if merged is not None:
         summary += (
