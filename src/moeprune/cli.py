@@ -52,6 +52,8 @@ StatsOpt = Annotated[
 NumSamplesOpt = Annotated[int, typer.Option("--num-samples", help="Calibration samples (seeded draw).")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample (rows are packed).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, random criterion and K-means.")]
+SearchSamplesOpt = Annotated[int, typer.Option("--search-samples", help="Search samples (seeded draw).")]
+SearchSeqLenOpt = Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")]
 
 
 def _calibration(api, model: str, data: str, text_field: str, num_samples: int, seq_len: int, seed: int):
@@ -234,10 +236,8 @@ def search(
     text_field: TextFieldOpt = "text",
     num_samples: NumSamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
-    search_samples: Annotated[
-        int, typer.Option("--search-samples", help="Search samples (seeded draw).")
-    ] = 16,
-    search_seq_len: Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")] = 256,
+    search_samples: SearchSamplesOpt = 16,
+    search_seq_len: SearchSeqLenOpt = 256,
 ) -> None:
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     from . import api
@@ -325,10 +325,8 @@ def eep_prune(
     text_field: TextFieldOpt = "text",
     num_samples: NumSamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
-    search_samples: Annotated[
-        int, typer.Option("--search-samples", help="Search samples (seeded draw).")
-    ] = 16,
-    search_seq_len: Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")] = 256,
+    search_samples: SearchSamplesOpt = 16,
+    search_seq_len: SearchSeqLenOpt = 256,
 ) -> None:
     """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
     them (--merge-iterations), and save the smaller checkpoint to --out."""
