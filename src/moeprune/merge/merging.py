@@ -65,6 +65,11 @@ def _expert_tensors(model: nn.Module, plan: MergePlan) -> Iterator[tuple[torch.T
                 yield tensor, merge  # (E, ...)
 
 
+def _merged(tensor: torch.Tensor, merge: LayerMerge) -> torch.Tensor:
+    """Σ_i M[j, i] W_i for every anchor j: (E, ...) -> (k, ...)."""
+    return torch.tensordot(merge.weights.to(tensor.dtype), tensor, dims=([1], [0]))
+
+
 @contextmanager
 def merged_weights(model: nn.Module, plan: MergePlan) -> Iterator[nn.Module]:
     """Within the block, each anchor's slot of every fused expert tensor holds Σ_i M[j, i] W_i."""
@@ -73,7 +78,7 @@ def merged_weights(model: nn.Module, plan: MergePlan) -> Iterator[nn.Module]:
         with torch.no_grad():
             for tensor, merge in _expert_tensors(model, plan):
                 index = torch.tensor(merge.anchors, device=tensor.device)
-                merged = torch.tensordot(merge.weights.to(tensor.dtype), tensor, dims=([1], [0]))  # (k, ...)
+                merged = _merged(tensor, merge)  # (k, ...)
                 saved.append((tensor, index, tensor.index_select(0, index).clone()))
                 tensor.index_copy_(0, index, merged)
         yield model
