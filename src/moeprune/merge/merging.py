@@ -94,7 +94,5 @@ def merge_experts_(model: nn.Module, plan: MergePlan) -> dict[int, list[int]]:
     with torch.no_grad():
         for tensor, merge in _expert_tensors(model, plan):
             index = torch.tensor(merge.anchors, device=tensor.device)
-            tensor.index_copy_(
-                0, index, torch.tensordot(merge.weights.to(tensor.dtype), tensor, dims=([1], [0]))
-            )
+            tensor.index_copy_(0, index, _merged(tensor, merge))
     return remove_experts_(model, removal)
