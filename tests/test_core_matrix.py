@@ -134,3 +134,23 @@ def test_plan_json_round_trip(tmp_path):
 
     path.write_text(json.dumps(plan.to_dict()))
     assert ExpertPlan.from_json(path) == plan
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacked_candidates_equal_one_at_a_time(family, inputs):
+    """C plans in one forward (batch = C copies of the inputs) == each plan under mask_experts."""
+    from moeprune.surgery import mask_stacked
+
+    model = tiny_model(family)
+    plans = [make_plan(model, uniform=True, seed=1), {}, make_plan(model, uniform=False, seed=2)]
+    one_by_one = []
+    for plan in plans:
+        with mask_experts(model, plan):
+            one_by_one.append(logits(model, inputs))
+    with mask_stacked(model, plans) as kept:
+        stacked = logits(model, inputs.repeat(len(plans), 1)).split(inputs.shape[0])
+    assert len(kept) == len(plans)
+    assert all("forward" not in la.router.__dict__ for la in moe_layers(model))
+    for c, (got, want) in enumerate(zip(stacked, one_by_one, strict=True)):
+        assert (got - want).abs().max() <= TOL, f"candidate {c}"
+    assert (one_by_one[0] - one_by_one[1]).abs().max() > 1e-3

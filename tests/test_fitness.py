@@ -216,3 +216,33 @@ def test_hidden_cache_evicts_low_scorers_first():
     cache.put((3, ("new2",)), state())  # -> evict "mid"; the pending entries stay
     assert cache.get((1, ("mid",))) is None and cache.get((2, ("new",))) is not None
     assert cache.bytes <= 3 * 1024
+
+
+@pytest.mark.parametrize("family", REPLAY_FAMILIES)
+def test_stacked_candidates_equal_one_at_a_time(family):
+    """evaluate_many with candidate_batch 3 == evaluate, including candidates that restart from
+    cached prefixes at different layers, a duplicate plan and the unpruned model."""
+    model = tiny_model(family)
+    s = search_set()
+    layers = moe_layers(model)
+    one = CandidateEvaluator(model, s, cache="sparse", top_k=8)
+    stacked = CandidateEvaluator(model, s, cache="sparse", top_k=8, candidate_batch=3)
+    base = some_plan(model, seed=3)
+    plans = [base, {}, some_plan(model, seed=4), {**base.removed, layers[-1].index: ()}, base]
+    plans.append({**base.removed, layers[len(layers) // 2].index: ()})
+    plans.append(some_plan(model, seed=5))
+    want = [one.evaluate(p) for p in plans]
+    got = stacked.evaluate_many(plans)
+    assert stacked.stats.evaluations == len(plans)
+    for g, w in zip(got, want, strict=True):
+        assert g.value == pytest.approx(w.value, abs=1e-5)
+        assert g.lower == pytest.approx(w.lower, abs=1e-5) and g.tokens == w.tokens
+    assert got[1].value == pytest.approx(1.0, abs=1e-6)
+    if not stacked.full_forward:
+        assert stacked.stats.hits >= 1, "later stacks should restart from the first stack's prefixes"
+        assert stacked.stats.layers_run < stacked.stats.layers_total
+
+
+def test_candidate_batch_must_be_positive(mixtral):
+    with pytest.raises(ValueError, match="candidate_batch"):
+        CandidateEvaluator(mixtral, search_set(), candidate_batch=0)

@@ -57,6 +57,9 @@ def test_search_writes_run_dir_and_checkpoint(run_cli, setup, tmp_path):
         (("--fitness", "esapp"), "did you mean 'esap'"),
         (("--resume",), "nothing to resume"),
         (("--criterion", "freq"), "freq"),
+        (("--device", "cuda:7"), "no such cuda device"),
+        (("--device", "gpu0"), "not a device name"),
+        (("--candidate-batch", "0"), "--candidate-batch must be >= 1"),
     ],
 )
 def test_search_bad_input(run_cli, setup, tmp_path, extra, needle):
@@ -66,6 +69,16 @@ def test_search_bad_input(run_cli, setup, tmp_path, extra, needle):
     assert needle in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
     assert not out.exists()
+
+
+def test_stacked_candidates_find_the_same_plan(run_cli, setup, tmp_path):
+    plans = []
+    for name, extra in (("one", ()), ("stacked", ("--candidate-batch", "4", "--device", "cpu"))):
+        code, _, err = run_cli(*search_args(setup, tmp_path / name, *extra))
+        assert code == 0, err
+        plans.append(json.loads((tmp_path / name / "plan.json").read_text()))
+    assert plans[0]["removed"] == plans[1]["removed"]
+    assert plans[0]["fitness"]["value"] == pytest.approx(plans[1]["fitness"]["value"], abs=1e-5)
 
 
 def test_existing_run_dir_needs_resume(run_cli, setup, tmp_path):

@@ -265,14 +265,16 @@ def search(
     save_checkpoint: bool = True,
     min_remove: dict[int, int] | None = None,
     max_remove: dict[int, int] | None = None,
+    candidate_batch: int = 1,
     **extra,
 ):
     """EvoESAP: search per-layer removal counts for `model` under a global `sparsity`, keeping the
     within-layer removal `order` fixed (``criteria.removal_order``), scored by `fitness` on
     `search_data` (a `SearchSet` or `TokenSet`). Writes the run files to `out_dir`; with
     `save_checkpoint`, also prunes `model` in place and saves the non-uniform checkpoint there.
-    Optional per-layer `min_remove`/`max_remove` bound the counts; `extra` goes into
-    ``moeprune.json``. Returns the `allocate.run.SearchOutcome`."""
+    Optional per-layer `min_remove`/`max_remove` bound the counts; `candidate_batch` stacks that many
+    candidates into one forward (pays on a GPU); `extra` goes into ``moeprune.json``. Returns the
+    `allocate.run.SearchOutcome`."""
     from .allocate import EvoConfig
     from .allocate.run import run_search
     from .fitness import SearchSet
@@ -297,6 +299,7 @@ def search(
         progress=progress,
         min_remove=min_remove,
         max_remove=max_remove,
+        candidate_batch=candidate_batch,
     )
     if save_checkpoint:
         save_search(model, outcome, out_dir, source=source, tokenizer=tokenizer, sparsity=sparsity, **extra)

@@ -54,6 +54,26 @@ SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibratio
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, random criterion and K-means.")]
 SearchSamplesOpt = Annotated[int, typer.Option("--search-samples", help="Search samples (seeded draw).")]
 SearchSeqLenOpt = Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda, cuda:1, mps.")]
+
+
+def _device_map(device: str) -> dict:
+    """``from_pretrained`` keyword for `device`; one line and exit 2 for a device this machine lacks."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        fail(f"--device '{device}' is not a device name (cpu, cuda, cuda:1, mps)")
+    if dev.type == "cpu":
+        return {}
+    backend = getattr(torch, dev.type, None)
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0 or (dev.index or 0) >= count:
+        fail(
+            f"--device {device}: no such {dev.type} device on this machine ({count} found); use --device cpu"
+        )
+    return {"device_map": str(dev)}
 
 
 def _calibration(api, model: str, data: str, text_field: str, num_samples: int, seq_len: int, seed: int):
@@ -238,6 +258,14 @@ def search(
     seq_len: SeqLenOpt = 512,
     search_samples: SearchSamplesOpt = 16,
     search_seq_len: SearchSeqLenOpt = 256,
+    device: DeviceOpt = "cpu",
+    candidate_batch: Annotated[
+        int,
+        typer.Option(
+            "--candidate-batch",
+            help="Candidates stacked into one forward; pays on a GPU, not on a CPU (1 = one at a time).",
+        ),
+    ] = 1,
 ) -> None:
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     from . import api
@@ -252,10 +280,13 @@ def search(
         fail(f"--sparsity must be in [0, 1), got {sparsity}")
     if cache not in ("sparse", "dense"):
         fail(f"--cache must be 'sparse' or 'dense', got '{cache}'")
+    if candidate_batch < 1:
+        fail(f"--candidate-batch must be >= 1, got {candidate_batch}")
+    placement = _device_map(device)
     api.check_model(model)
     calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
     tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
-    loaded = api.load(model)
+    loaded = api.load(model, **placement)
     stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
     order = removal_order(stats, criterion, seed)
     outcome = api.search(
@@ -274,6 +305,7 @@ def search(
         seed=seed,
         resume=resume,
         overwrite=overwrite,
+        candidate_batch=candidate_batch,
         criterion=criterion,
     )
     b, u = outcome.best_fitness, outcome.uniform_fitness
@@ -327,6 +359,7 @@ def eep_prune(
     seq_len: SeqLenOpt = 512,
     search_samples: SearchSamplesOpt = 16,
     search_seq_len: SearchSeqLenOpt = 256,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
     them (--merge-iterations), and save the smaller checkpoint to --out."""
@@ -351,10 +384,11 @@ def eep_prune(
         MergeConfig(population=merge_population, iterations=merge_iterations)
     if criterion is not None:
         get_criterion(criterion)
+    placement = _device_map(device)
     api.check_model(model)
     tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
     calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed) if data else None
-    loaded = api.load(model)
+    loaded = api.load(model, **placement)
     seeds = ()
     if active is not None:
         from .merge.active import reduced_active_experts

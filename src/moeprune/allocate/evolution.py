@@ -147,9 +147,11 @@ def evolve(
     resume: bool = False,
     progress: bool = False,
     on_evaluated: Callable[[Counts, float], None] | None = None,
+    score_many: Callable[[list[Counts]], list[float]] | None = None,
 ) -> EvoResult:
     """Maximise ``score(counts)`` over `space` (see the module docstring). ``resume`` continues from
-    `state_path` when it exists (the same space and config are required)."""
+    `state_path` when it exists (the same space and config are required). ``score_many``, when
+    given, scores a generation's new plans in one call (in population order), e.g. stacked."""
     t0 = time.perf_counter()
     state_path = Path(state_path) if state_path is not None else None
     header = {"version": STATE_VERSION, "config": asdict(cfg), "space": space.as_dict()}
@@ -179,13 +181,13 @@ def evolve(
     bar = _Progress(progress, cfg.generations, done)
     try:
         for gen in range(done + 1, cfg.generations + 1):
-            new = 0
-            for c in dict.fromkeys(population):
-                if c not in scores:
-                    scores[c] = float(score(c))
-                    new += 1
-                    if on_evaluated is not None:
-                        on_evaluated(c, scores[c])
+            fresh = [c for c in dict.fromkeys(population) if c not in scores]
+            values = score_many(fresh) if score_many is not None and fresh else None
+            for k, c in enumerate(fresh):
+                scores[c] = float(values[k] if values is not None else score(c))
+                if on_evaluated is not None:
+                    on_evaluated(c, scores[c])
+            new = len(fresh)
             ranked = sorted(dict.fromkeys(population), key=lambda c: (-scores[c], c))
             if best is None or scores[ranked[0]] > best_score:
                 best, best_score = ranked[0], scores[ranked[0]]

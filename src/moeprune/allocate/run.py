@@ -109,10 +109,12 @@ def run_search(
     min_remove: dict[int, int] | None = None,
     max_remove: dict[int, int] | None = None,
     cache_bytes: int = 512 * 2**20,
+    candidate_batch: int = 1,
 ) -> SearchOutcome:
     """Search the per-layer counts for `model` (unpruned, left unchanged) and write the run files.
 
     `order`: within-layer removal order per decoder layer (``criteria.removal_order``), fixed.
+    `candidate_batch`: candidates stacked into one forward (see `CandidateEvaluator.evaluate_many`).
     """
     t0 = time.perf_counter()
     out = prepare_run_dir(out_dir, resume, overwrite)
@@ -122,16 +124,30 @@ def run_search(
     uniform = uniform_counts(space)
     plan_from_counts(space, order, uniform)  # a bad order fails before the teacher pass
     evaluator = CandidateEvaluator(
-        model, search, fitness=fitness, cache=cache, top_k=top_k, cache_bytes=cache_bytes
+        model,
+        search,
+        fitness=fitness,
+        cache=cache,
+        top_k=top_k,
+        cache_bytes=cache_bytes,
+        candidate_batch=candidate_batch,
     )
     details: dict[Counts, object] = {}
 
-    def score(counts: Counts) -> float:
-        r = evaluator.evaluate(plan_from_counts(space, order, counts))
-        details[counts] = r
-        return r.score
+    def score_many(many: list[Counts]) -> list[float]:
+        results = evaluator.evaluate_many([plan_from_counts(space, order, c) for c in many])
+        details.update(zip(many, results, strict=True))
+        return [r.score for r in results]
 
-    result = evolve(space, score, config, state_path=out / STATE_FILE, resume=resume, progress=progress)
+    result = evolve(
+        space,
+        lambda counts: score_many([counts])[0],
+        config,
+        state_path=out / STATE_FILE,
+        resume=resume,
+        progress=progress,
+        score_many=score_many,
+    )
     best_r = details.get(result.best) or evaluator.evaluate(plan_from_counts(space, order, result.best))
     uni_r = details.get(uniform) or evaluator.evaluate(plan_from_counts(space, order, uniform))
     outcome = SearchOutcome(

@@ -7,6 +7,12 @@ layers before m)``; a new candidate starts from the deepest MoE layer whose key 
 that layer's attention output from the cache, and replays only the rest.
 Results are bitwise those of a full forward (same layers, same inputs); ``reuse=False`` and
 ``full_forward=True`` give the straightforward reference used by the benchmarks.
+
+`evaluate_many` stacks up to ``candidate_batch`` candidates along the batch dimension
+(`surgery.mask_stacked`): each joins the stack at its own restart layer and all of them run the
+remaining layers as one forward of C * B sequences. That pays where one batch of B sequences leaves
+the hardware idle (a GPU, small search batches); equal to one-at-a-time evaluation up to float
+rounding of the wider matmuls (tested), so a search's plan does not depend on it in practice.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import torch
 from torch import nn
 
 from ..arch import moe_layers
-from ..surgery import ExpertPlan, mask_experts
+from ..surgery import ExpertPlan, mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
-from .replay import BatchRecord, LayerReplay
+from .replay import BatchRecord, LayerReplay, StackedCalls
 from .searchset import SearchSet
 from .teacher import CacheKind, TeacherCache, teacher_slice
 
@@ -155,9 +161,16 @@ class CandidateEvaluator:
         full_forward: bool = False,
         cache_bytes: int = 512 * 2**20,
         head_rows: int | None = HEAD_ROWS,
+        candidate_batch: int = 1,
     ) -> None:
+        if candidate_batch < 1:
+            raise ValueError(f"candidate_batch must be >= 1, got {candidate_batch}")
         self.model = model
-        self.search = search
+        self.device = next(model.parameters()).device
+        self.search = search.to(self.device)
+        search = self.search
+        self.candidate_batch = candidate_batch
+        self._stacked: list[StackedCalls] | None = None
         self.head_rows = head_rows  # scored rows per log-softmax; None = all of a batch's at once
         self.fitness: Fitness = FITNESS.get(fitness)
         self.replay_fallback: str | None = None  # why layer replay is off for this model, if it is
@@ -170,7 +183,6 @@ class CandidateEvaluator:
         self.full_forward = full_forward
         self.moe_indices = [layer.index for layer in moe_layers(model)]
         self.hidden = HiddenCache(cache_bytes)
-        self._touched: list[PrefixKey] = []  # cache keys the current candidate hit or added
         self.stats = ReuseStats()
         self.positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
         self.labels = [b.labels()[p] for b, p in zip(search.batches, self.positions, strict=True)]  # (n_b,)
@@ -221,20 +233,24 @@ class CandidateEvaluator:
         return layer, tuple(removed[m] for m in self.moe_indices if m < layer)
 
     # --- evaluation -------------------------------------------------------------------------
-    def _run_layers(self, plan: ExpertPlan) -> list[torch.Tensor]:
-        """Last decoder layer's output [(B, L, H)] of the masked model (call under `mask_experts`),
-        restarting from the deepest cached MoE-layer input whose mask prefix equals `plan`'s."""
-        n_layers = self.replay.num_layers
-        removed = self._removed(plan)
-        start, hit = 0, None
+    def _restart(self, removed: dict[int, tuple[int, ...]], touched: list[PrefixKey]):
+        """(start layer, cached `PrefixState` or None): the deepest MoE layer whose input under this
+        mask prefix is cached (0, None without one)."""
         if self.reuse:
             for m in reversed(self.moe_indices):
                 hit = self.hidden.get(self._key(m, removed))
                 if hit is not None:
-                    start = m
-                    self._touched.append(self._key(m, removed))
+                    touched.append(self._key(m, removed))
                     self.stats.hits += m > self.moe_indices[0]
-                    break
+                    return m, hit
+        return 0, None
+
+    def _run_layers(self, plan: ExpertPlan, touched: list[PrefixKey]) -> list[torch.Tensor]:
+        """Last decoder layer's output [(B, L, H)] of the masked model (call under `mask_experts`),
+        restarting from the deepest cached MoE-layer input whose mask prefix equals `plan`'s."""
+        n_layers = self.replay.num_layers
+        removed = self._removed(plan)
+        start, hit = self._restart(removed, touched)
         states = list(hit.inputs) if hit is not None else [r.layer0_input for r in self.records]
         moe = set(self.moe_indices)
         for i in range(start, n_layers):
@@ -251,15 +267,61 @@ class CandidateEvaluator:
             if captured is not None:
                 complete = len(captured) == len(states)
                 self.hidden.put(self._key(i, removed), PrefixState(states, captured if complete else None))
-                self._touched.append(self._key(i, removed))
+                touched.append(self._key(i, removed))
             states = new_states
         self.stats.layers_run += n_layers - start
         self.stats.layers_total += n_layers
         return states
 
-    def _settle(self, score: float | None) -> None:
-        self.hidden.settle(self._touched, score)
-        self._touched = []
+    def _run_stacked(
+        self, plans: list[ExpertPlan], touched: list[list[PrefixKey]]
+    ) -> list[list[torch.Tensor]]:
+        """Like `_run_layers` for C plans at once: per plan, the last layer's output [(B, L, H)].
+
+        Candidates are stacked along dim 0 in the order they join (by restart layer); from its
+        restart layer on, each runs in one forward with the others, its rows masked by its own plan."""
+        n_layers = self.replay.num_layers
+        if self._stacked is None:
+            self._stacked = [
+                self.replay.stacked_calls(batch, record, self.candidate_batch)
+                for batch, record in zip(self.search.batches, self.records, strict=True)
+            ]
+        removed = [self._removed(p) for p in plans]
+        restarts = [self._restart(r, t) for r, t in zip(removed, touched, strict=True)]
+        joins = sorted(range(len(plans)), key=lambda c: restarts[c][0])
+        moe = set(self.moe_indices)
+        rows = [r.layer0_input.shape[0] for r in self.records]  # B per search batch
+        active: list[int] = []
+        states: list[torch.Tensor | None] = [None] * len(self.records)  # (len(active) * B, L, H)
+        for i in range(restarts[joins[0]][0], n_layers):
+            joining = [c for c in joins if restarts[c][0] == i]
+            for b, record in enumerate(self.records):
+                parts = [] if states[b] is None else [states[b]]
+                for c in joining:
+                    hit = restarts[c][1]
+                    parts.append(hit.inputs[b] if hit is not None else record.layer0_input)
+                states[b] = torch.cat(parts) if len(parts) > 1 else parts[0]
+            active += joining
+            if self.reuse and i in moe:
+                for pos, c in enumerate(active):
+                    key = self._key(i, removed[c])
+                    cut = [states[b][pos * n : (pos + 1) * n].clone() for b, n in enumerate(rows)]
+                    self.hidden.put(key, PrefixState(cut))
+                    touched[c].append(key)
+            layer_plans = [ExpertPlan.from_removed({i: removed[c][i]} if i in moe else {}) for c in active]
+            with mask_stacked(self.model, layer_plans):
+                for b, calls in enumerate(self._stacked):
+                    states[b] = self.replay.run_layer(i, states[b], calls.record(len(active)))
+        for start, _ in restarts:
+            self.stats.layers_run += n_layers - start
+            self.stats.layers_total += n_layers
+        at = {c: pos for pos, c in enumerate(active)}
+        return [
+            [states[b][at[c] * n : (at[c] + 1) * n] for b, n in enumerate(rows)] for c in range(len(plans))
+        ]
+
+    def _settle(self, touched: list[PrefixKey], score: float | None) -> None:
+        self.hidden.settle(touched, score)
 
     def _full_forward_logits(self) -> list[torch.Tensor]:
         n_layers = self.replay.num_layers if self.replay is not None else 1
@@ -278,10 +340,11 @@ class CandidateEvaluator:
         with mask_experts(self.model, plan):
             if self.full_forward:
                 return self._full_forward_logits()
+            touched: list[PrefixKey] = []
             try:
-                return [self.replay.head(h) for h in self._run_layers(plan)]
+                return [self.replay.head(h) for h in self._run_layers(plan, touched)]
             finally:
-                self._settle(None)
+                self._settle(touched, None)
 
     @torch.inference_mode()
     def evaluate(self, plan: ExpertPlan | dict) -> FitnessResult:
@@ -293,7 +356,7 @@ class CandidateEvaluator:
         t0 = time.perf_counter()
         if not isinstance(plan, ExpertPlan):
             plan = ExpertPlan.from_removed(plan)
-        totals = _Totals()
+        totals, touched = _Totals(), []
         with mask_experts(self.model, plan):
             if self.full_forward:
                 for logits, b in zip(self._full_forward_logits(), range(len(self.records)), strict=True):
@@ -301,17 +364,49 @@ class CandidateEvaluator:
                     self._score_rows(b, rows, totals, head=False)
             else:
                 try:
-                    for b, hidden in enumerate(self._run_layers(plan)):
-                        rows = hidden.reshape(-1, hidden.shape[-1])[self.positions[b]]  # (n_b, H)
-                        self._score_rows(b, rows, totals, head=True)
+                    self._score_hidden(self._run_layers(plan, touched), totals)
                 except BaseException:
-                    self._settle(None)
+                    self._settle(touched, None)
                     raise
         result = totals.result(self.fitness)
-        self._settle(result.score)
+        self._settle(touched, result.score)
         self.stats.evaluations += 1
         self.stats.eval_seconds += time.perf_counter() - t0
         return result
+
+    @torch.inference_mode()
+    def evaluate_many(self, plans: list[ExpertPlan | dict]) -> list[FitnessResult]:
+        """`evaluate` of every plan, in stacks of up to `candidate_batch` (see the module docstring)."""
+        plans = [p if isinstance(p, ExpertPlan) else ExpertPlan.from_removed(p) for p in plans]
+        if self.candidate_batch == 1 or self.full_forward or len(plans) < 2:
+            return [self.evaluate(p) for p in plans]
+        results: list[FitnessResult] = []
+        for k in range(0, len(plans), self.candidate_batch):
+            group = plans[k : k + self.candidate_batch]
+            if len(group) == 1:
+                results.append(self.evaluate(group[0]))
+                continue
+            t0 = time.perf_counter()
+            touched: list[list[PrefixKey]] = [[] for _ in group]
+            try:
+                outputs = self._run_stacked(group, touched)
+            except BaseException:
+                for t in touched:
+                    self._settle(t, None)
+                raise
+            for hidden, t in zip(outputs, touched, strict=True):
+                totals = _Totals()
+                self._score_hidden(hidden, totals)
+                results.append(totals.result(self.fitness))
+                self._settle(t, results[-1].score)
+            self.stats.evaluations += len(group)
+            self.stats.eval_seconds += time.perf_counter() - t0
+        return results
+
+    def _score_hidden(self, hidden: list[torch.Tensor], totals: _Totals) -> None:
+        """Score the last decoder layer's outputs [(B, L, H)] (the head runs on scored rows only)."""
+        for b, h in enumerate(hidden):
+            self._score_rows(b, h.reshape(-1, h.shape[-1])[self.positions[b]], totals, head=True)  # (n_b, H)
 
     @torch.inference_mode()
     def score_logits(self, all_logits: list[torch.Tensor]) -> FitnessResult:

@@ -12,6 +12,10 @@ A layer's attention sub-module sees only the layer's input, never the experts, s
 restarts at layer j from a cached input can also take layer j's attention output from the run that
 cached it (`run_layer(attention_output=...)`): the sub-module is swapped for one returning the stored
 value, bitwise what it would compute.
+
+Stacked candidates run C copies of a batch in one call (`StackedCalls`): the recorded arguments are
+widened along the batch dimension. Which arguments have one is read off a recording of the batch
+stacked twice (their dim 0 doubles), so no family's argument layout is assumed.
 """
 
 from __future__ import annotations
@@ -47,6 +51,63 @@ class BatchRecord:
         default_factory=list
     )  # per decoder layer: (args after hidden, kwargs)
     logits: torch.Tensor | None = None  # (B, L, V) of the recording forward
+
+
+def _map_tensors(value, fn):
+    """`value` with every tensor inside tuples/lists/dicts replaced by fn(tensor)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _zip_tensors(one, two, fn):
+    """Like `_map_tensors` over `one`, calling fn(tensor_of_one, same_place_tensor_of_two)."""
+    if isinstance(one, torch.Tensor):
+        return fn(one, two)
+    if isinstance(one, tuple | list):
+        return type(one)(_zip_tensors(a, b, fn) for a, b in zip(one, two, strict=True))
+    if isinstance(one, dict):
+        return {k: _zip_tensors(v, two[k], fn) for k, v in one.items()}
+    return one
+
+
+class StackedCalls:
+    """A batch's per-layer call arguments for 1..`width` stacked copies of the batch.
+
+    Built from the batch's record (1 copy) and a record of the batch stacked twice: a tensor whose
+    dim 0 doubled is per sequence and is repeated (widest copy kept, narrower widths are views of it);
+    any other value is shared as recorded."""
+
+    def __init__(self, one: BatchRecord, two: BatchRecord, width: int) -> None:
+        self.width = width
+        self.rows = one.layer0_input.shape[0]  # B
+        self._per_row: set[int] = set()
+
+        def widen(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            if a.dim() and b.shape[0] == 2 * a.shape[0] and b.shape[1:] == a.shape[1:]:
+                wide = a.repeat(width, *([1] * (a.dim() - 1)))  # (width * B, ...)
+                self._per_row.add(id(wide))
+                return wide
+            return a
+
+        self._calls = [_zip_tensors(c1, c2, widen) for c1, c2 in zip(one.calls, two.calls, strict=True)]
+        self._records: dict[int, BatchRecord] = {}
+
+    def record(self, copies: int) -> BatchRecord:
+        """The calls for `copies` stacked copies (1 <= copies <= width)."""
+        if not 1 <= copies <= self.width:
+            raise ValueError(f"{copies} stacked copies, at most {self.width}")
+        if copies not in self._records:
+            n = copies * self.rows
+            cut = lambda t: t[:n] if id(t) in self._per_row else t  # noqa: E731
+            self._records[copies] = BatchRecord(
+                layer0_input=torch.empty(0), calls=[_map_tensors(c, cut) for c in self._calls]
+            )
+        return self._records[copies]
 
 
 class LayerReplay:
@@ -98,6 +159,12 @@ class LayerReplay:
         if any(c is None for c in calls):
             raise RuntimeError("not every decoder layer was called by the model's forward; cannot replay it")
         return BatchRecord(layer0_input=first[0], calls=calls, logits=out.logits)  # type: ignore[arg-type]
+
+    def stacked_calls(self, batch: SearchBatch, one: BatchRecord, width: int) -> StackedCalls:
+        """`StackedCalls` for `batch` (recorded as `one`) up to `width` copies; costs a forward of 2B rows."""
+        two = self.record(batch.stacked(2))
+        two.logits = None
+        return StackedCalls(one, two, width)
 
     def run_layer(
         self,

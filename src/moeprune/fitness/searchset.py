@@ -25,6 +25,19 @@ class SearchBatch:
         keep[:, :-1] = nxt
         return keep.reshape(-1).nonzero().squeeze(1)
 
+    def stacked(self, copies: int) -> SearchBatch:
+        """The batch repeated `copies` times along dim 0 (one copy per stacked candidate)."""
+        return SearchBatch(
+            self.input_ids.repeat(copies, 1),
+            self.attention_mask.repeat(copies, 1),
+            self.score_mask.repeat(copies, 1),
+        )
+
+    def to(self, device: torch.device | str) -> SearchBatch:
+        return SearchBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.score_mask.to(device)
+        )
+
     def labels(self) -> torch.Tensor:
         """Next token at every flat position (the last position gets -1). (B * L,)"""
         nxt = torch.full_like(self.input_ids, -1)
@@ -69,6 +82,10 @@ class SearchSet:
         if out.num_scored() == 0:
             raise DataError("the search set has no scored tokens (check the attention/score masks)")
         return out
+
+    def to(self, device: torch.device | str) -> SearchSet:
+        """The same batches on `device` (the model's, for a model on GPU)."""
+        return SearchSet([b.to(device) for b in self.batches])
 
     def num_scored(self) -> int:
         return sum(int(b.scored_positions().numel()) for b in self.batches)

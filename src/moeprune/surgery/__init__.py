@@ -1,7 +1,7 @@
 """Structural surgery: remove experts in place, save uniform/non-uniform checkpoints, load them."""
 
 from .checkpoint import MANIFEST, load, save_pruned
-from .masking import mask_experts
+from .masking import mask_experts, mask_stacked
 from .plan import ExpertPlan, validate_plan
 from .prune import remove_experts_
 
@@ -10,6 +10,7 @@ __all__ = [
     "ExpertPlan",
     "load",
     "mask_experts",
+    "mask_stacked",
     "remove_experts_",
     "save_pruned",
     "validate_plan",

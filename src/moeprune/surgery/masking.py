@@ -12,6 +12,11 @@ the router returns besides its choice (for aux losses/recording).
 Per-expert router tensors that live on the block rather than on the router (``router_tensors``
 outside ``router_attr``, e.g. a correction bias the block passes to ``gate(h, bias)``) are sliced
 where they enter the router: any argument that *is* one of those tensors reaches the clone sliced.
+
+Stacked candidates (`mask_stacked`): C plans evaluated in one forward whose batch is the C
+candidates' inputs concatenated along dim 0 (candidate-major, equal blocks). Routers act token by
+token, so each router call is split into C row blocks, block c routed under plan c, and the outputs
+concatenated back; the experts then run once on all C * T tokens.
 """
 
 from __future__ import annotations
@@ -114,31 +119,85 @@ def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
     return forward
 
 
+def _stacked_forward(layer: MoELayer, forwards: list):
+    """Router forward over C equal row blocks, block c under ``forwards[c]``."""
+    shared = [t for t, _ in _block_router_args(layer)]
+    blocks = len(forwards)
+
+    def forward(hidden_states, *args, **kwargs):
+        rows = hidden_states.shape[0]  # C * tokens (or C * batch)
+        if rows % blocks:
+            raise RuntimeError(f"{rows} router rows do not split into {blocks} stacked candidates")
+        step = rows // blocks
+
+        def cut(value, c: int):
+            per_row = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows
+            if per_row and not any(value is t for t in shared):
+                return value[c * step : (c + 1) * step]
+            return value
+
+        outs = [
+            fn(
+                hidden_states[c * step : (c + 1) * step],
+                *(cut(a, c) for a in args),
+                **{k: cut(v, c) for k, v in kwargs.items()},
+            )  # fmt: skip
+            for c, fn in enumerate(forwards)
+        ]
+        return tuple(torch.cat(parts, dim=0) for parts in zip(*outs, strict=True))
+
+    return forward
+
+
+def _patch(router: nn.Module, forward) -> None:
+    if getattr(router, _PATCH_MARK, False):
+        raise RuntimeError("mask_experts() is already active on this model; masks do not nest")
+    router.forward = forward
+    setattr(router, _PATCH_MARK, True)
+
+
+def _unpatch(routers: list[nn.Module]) -> None:
+    for router in routers:
+        router.__dict__.pop("forward", None)
+        router.__dict__.pop(_PATCH_MARK, None)
+
+
+@contextmanager
+def mask_stacked(model: nn.Module, plans: list[ExpertPlan | dict]) -> Iterator[list[dict[int, list[int]]]]:
+    """Within the block, rows block c of every forward (dim 0 split into ``len(plans)`` equal blocks)
+    is computed exactly as the model pruned by ``plans[c]`` computes it; yields the kept ids per plan.
+
+    With one plan this is `mask_experts`. Patches are removed on exit, even on error."""
+    plans = [p if isinstance(p, ExpertPlan) else ExpertPlan.from_removed(p) for p in plans]
+    if not plans:
+        raise ValueError("mask_stacked needs at least one plan")
+    layers = moe_layers(model)
+    kept = [validate_plan(model, p, layers) for p in plans]
+    patched: list[nn.Module] = []
+    try:
+        for layer in layers:
+            keeps = [k[layer.index] for k in kept]
+            if all(len(keep) == layer.num_experts for keep in keeps):
+                continue
+            router = layer.router
+            forwards = [
+                _masked_forward(layer, sliced_router(layer, keep), keep)
+                if len(keep) < layer.num_experts
+                else type(router).forward.__get__(router)
+                for keep in keeps
+            ]
+            _patch(router, forwards[0] if len(forwards) == 1 else _stacked_forward(layer, forwards))
+            patched.append(router)
+        yield kept
+    finally:
+        _unpatch(patched)
+
+
 @contextmanager
 def mask_experts(model: nn.Module, plan: ExpertPlan | dict) -> Iterator[dict[int, list[int]]]:
     """Within the block, `model` computes exactly what the model pruned by `plan` computes.
 
     Yields the kept expert ids per MoE layer. Patches are removed on exit, even on error.
     """
-    if not isinstance(plan, ExpertPlan):
-        plan = ExpertPlan.from_removed(plan)
-    layers = moe_layers(model)
-    kept = validate_plan(model, plan, layers)
-    patched: list[nn.Module] = []
-    try:
-        for layer in layers:
-            keep = kept[layer.index]
-            if len(keep) == layer.num_experts:
-                continue
-            router = layer.router
-            if getattr(router, _PATCH_MARK, False):
-                raise RuntimeError("mask_experts() is already active on this model; masks do not nest")
-            clone = sliced_router(layer, keep)
-            router.forward = _masked_forward(layer, clone, keep)
-            setattr(router, _PATCH_MARK, True)
-            patched.append(router)
-        yield kept
-    finally:
-        for router in patched:
-            router.__dict__.pop("forward", None)
-            router.__dict__.pop(_PATCH_MARK, None)
+    with mask_stacked(model, [plan]) as kept:
+        yield kept[0]
