@@ -9,9 +9,11 @@ Prints:
    full-vocabulary cache, a full forward per candidate, log-softmax and ESAP on the whole (B*L, V)
    logits), same seed: speed-up and whether the best plans agree. moeprune runs twice, with its
    default sparse cache and with a dense one (same fitness values as the reference, so the same
-   trajectory is expected), to separate what the cache changes from what reuse saves.
+   trajectory is expected), to separate what the cache changes from what reuse saves, and a third
+   time stacking `--candidate-batch` candidates per forward (what pays on a GPU).
 
     python benchmarks/search.py [--model DIR --data DIR] [--population 16 --generations 10] [--threads 2]
+    python benchmarks/search.py --device cuda      # the same table on a GPU
 """
 
 from __future__ import annotations
@@ -47,25 +49,28 @@ def shared_prefix_share(space: AllocationSpace, base: tuple[int, ...], samples: 
 
 
 def timed_search(model, search, space, order, cfg, probe, plain_every: int = 4, **evaluator_kwargs):
-    """A whole search; every `plain_every` candidates one plain forward is timed right after the
-    candidate (same load on this shared machine), and excluded from the search's wall time."""
+    """A whole search; after every `plain_every` evaluation calls one plain forward is timed (same
+    load on this shared machine) and excluded from the search's wall time. A stacking evaluator
+    (candidate_batch > 1) gets each generation's new candidates in one call."""
     t0 = time.perf_counter()
     ev = CandidateEvaluator(model, search, **evaluator_kwargs)
-    per_candidate, evals, plains = {}, [], []
+    per_candidate, evals, plains = {}, [], []  # evals: (seconds, candidates) per call
 
-    def score(counts):
+    def score_many(many):
         t = time.perf_counter()
-        r = ev.evaluate(plan_from_counts(space, order, counts))
-        evals.append(time.perf_counter() - t)
-        per_candidate[counts] = r.value
+        results = ev.evaluate_many([plan_from_counts(space, order, c) for c in many])
+        evals.append((time.perf_counter() - t, len(many)))
+        per_candidate.update((c, r.value) for c, r in zip(many, results, strict=True))
         if len(evals) % plain_every == 1:
             plains.append(probe.plain_forward_seconds())
-        return r.score
+        return [r.score for r in results]
 
-    result = evolve(space, score, cfg)
+    stacked = ev.candidate_batch > 1
+    result = evolve(space, lambda c: score_many([c])[0], cfg, score_many=score_many if stacked else None)
     wall = time.perf_counter() - t0 - sum(plains)
-    paired = [evals[i * plain_every] / plains[i] for i in range(len(plains))]
-    return ev, result, per_candidate, wall, sum(evals) / sum(plains) * len(plains) / len(evals), paired
+    paired = [evals[i * plain_every][0] / evals[i * plain_every][1] / plains[i] for i in range(len(plains))]
+    per_eval = sum(s for s, _ in evals) / sum(n for _, n in evals)
+    return ev, result, per_candidate, wall, per_eval / statistics.mean(plains), paired
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,14 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--candidate-batch", type=int, default=8, help="candidates stacked per forward")
     p.add_argument(
         "--cache-mib", type=int, default=512, help="hidden-state cache budget of moeprune's evaluator"
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Console(width=150)
+    out = Console(width=190)
 
     model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
+    model.to(args.device)
     calib = token_split(tok, data_dir / "calibration.jsonl", 4, args.seq_len, args.seed)
     order = removal_order_for(model, calib, args.criterion, args.seed)
     search = api.search_set(
@@ -98,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EvoConfig(population=args.population, generations=args.generations, seed=args.seed)
     out.print(
         f"model {model_dir} | search set {search.num_scored()} scored tokens | {args.criterion} order | "
-        f"sparsity {args.sparsity} | population {cfg.population} x {cfg.generations} generations"
+        f"sparsity {args.sparsity} | population {cfg.population} x {cfg.generations} generations | "
+        f"device {args.device}"
     )
 
     # the plain forward (unit of cost) is timed inside every search, next to its candidates
@@ -106,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = {
         "moeprune (sparse cache)": dict(cache="sparse", top_k=args.top_k, cache_bytes=args.cache_mib * 2**20),
         "moeprune (dense cache)": dict(cache="dense", cache_bytes=args.cache_mib * 2**20),
+        STACKED: dict(
+            cache="sparse",
+            top_k=args.top_k,
+            cache_bytes=args.cache_mib * 2**20,
+            candidate_batch=args.candidate_batch,
+        ),
         "reference": dict(cache="dense", reuse=False, full_forward=True, head_rows=None),
     }
     res = {name: timed_search(model, search, space, order, cfg, probe, **kw) for name, kw in runs.items()}
@@ -130,7 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     def row(measure: str, cell, goal: str = "") -> None:
         t.add_row(measure, *(cell(name, *res[name]) for name in runs), goal)
 
-    t.add_row("plain forward of the search set (at the end)", f"{t_plain:.3f}s", "", "", "")
+    def first(measure: str, value: str, goal: str = "") -> None:  # a value of the sparse run only
+        t.add_row(measure, value, *[""] * (len(runs) - 1), goal)
+
+    ours = (SPARSE, DENSE, STACKED)
+    first("plain forward of the search set (at the end)", f"{t_plain:.3f}s")
     row("one candidate evaluation / plain forward (mean)", lambda n, ev, r, v, s, ratio, pairs: f"{ratio:.2f}",
         "goal <= 0.8")  # fmt: skip
     row("  median of paired (candidate, next plain forward)",
@@ -139,11 +158,9 @@ def main(argv: list[str] | None = None) -> None:
         f"hit rate {fast_ev.stats.hit_rate():.0%}")  # fmt: skip
     sparse_best = res[SPARSE][1].best
     bound = shared_prefix_share(space, sparse_best)
-    t.add_row(
+    first(
         "  layers a mutant can take from its parent (SPEC mutation, simulated)",
         f"{bound:.2f}",
-        "",
-        "",
         f"around {list(sparse_best)}",
     )
     row("  restarts that took the layer's attention output from the cache",
@@ -151,20 +168,23 @@ def main(argv: list[str] | None = None) -> None:
     row("teacher cache bytes",
         lambda n, ev, *_: f"{ev.teacher.nbytes() / 2**20:.2f} MiB ({ev.teacher.kind})",
         f"{100 * ratio_bytes:.2f}% (goal <= 2%)")  # fmt: skip
-    t.add_row(
-        "largest |ESAP sparse - dense|", f"{delta:.2e}", "", "", f"over {len(common)} common candidates"
-    )
-    t.add_row("  Kendall tau, sparse vs dense ESAP", f"{tau:.3f}", "", "", "same candidates")
+    first("largest |ESAP sparse - dense|", f"{delta:.2e}", f"over {len(common)} common candidates")
+    first("  Kendall tau, sparse vs dense ESAP", f"{tau:.3f}", "same candidates")
     row("candidates evaluated", lambda n, ev, r, *_: str(r.evaluations))
     row("whole search wall time", lambda n, ev, r, v, s, *_: f"{s:.1f}s",
-        " / ".join(f"{ref_s / res[n][3]:.2f}x" for n in (SPARSE, DENSE)) + " (goal >= 3x)")  # fmt: skip
+        " / ".join(f"{ref_s / res[n][3]:.2f}x" for n in ours) + " (goal >= 3x)")  # fmt: skip
     row("best plan (removed per layer)", lambda n, ev, r, *_: str(list(r.best)),
-        " / ".join("same" if res[n][1].best == ref.best else "DIFFERENT" for n in (SPARSE, DENSE)))  # fmt: skip
+        " / ".join("same" if res[n][1].best == ref.best else "DIFFERENT" for n in ours))  # fmt: skip
     row("best plan's exact (dense) ESAP", lambda n, ev, r, *_: f"{ref_vals[r.best]:.5f}")
     out.print(t)
 
 
-SPARSE, DENSE, REF = "moeprune (sparse cache)", "moeprune (dense cache)", "reference"
+SPARSE, DENSE, STACKED, REF = (
+    "moeprune (sparse cache)",
+    "moeprune (dense cache)",
+    "moeprune (sparse, stacked)",
+    "reference",
+)
 
 
 if __name__ == "__main__":
