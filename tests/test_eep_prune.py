@@ -98,7 +98,7 @@ def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
         "--search-seq-len", "32",
     )  # fmt: skip
     code, _, err = run_cli(*args, "--criterion", "frequency", "--data", tmp_path / "text.txt",
-                           "--num-samples", "4", "--seq-len", "32")  # fmt: skip
+                           "--num-samples", "4", "--seq-len", "32", "--cache", "dense")  # fmt: skip
     assert code == 0, err
     assert AutoConfig.from_pretrained(out).num_experts == 4  # uniform: a stock checkpoint
     manifest = json.loads((out / "moeprune.json").read_text())
@@ -108,3 +108,7 @@ def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
            "--out", tmp_path / "o2", "--criterion", "frequency")  # fmt: skip
     code, _, err = run_cli(*bad)
     assert code == 2 and "go together" in err and len(err.strip().splitlines()) == 1
+    for extra, needle in ((("--cache", "dens"), "'sparse' or 'dense'"), (("--top-k", "0"), "--top-k")):
+        code, _, err = run_cli(*args[:6], "--out", tmp_path / "o3", *extra)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "o3").exists()

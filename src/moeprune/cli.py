@@ -54,7 +54,16 @@ SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibratio
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, random criterion and K-means.")]
 SearchSamplesOpt = Annotated[int, typer.Option("--search-samples", help="Search samples (seeded draw).")]
 SearchSeqLenOpt = Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")]
+CacheOpt = Annotated[str, typer.Option("--cache", help="Teacher cache: sparse (top-K + tail) or dense.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Teacher probabilities kept per token (sparse).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda, cuda:1, mps.")]
+
+
+def _check_cache(cache: str, top_k: int) -> None:
+    if cache not in ("sparse", "dense"):
+        fail(f"--cache must be 'sparse' or 'dense', got '{cache}'")
+    if top_k < 1:
+        fail(f"--top-k must be >= 1, got {top_k}")
 
 
 def _device_map(device: str) -> dict:
@@ -247,12 +256,8 @@ def search(
     seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --out.")] = False,
     overwrite: OverwriteOpt = False,
-    cache: Annotated[
-        str, typer.Option("--cache", help="Teacher cache: sparse (top-K + tail) or dense.")
-    ] = "sparse",
-    top_k: Annotated[
-        int, typer.Option("--top-k", help="Teacher probabilities kept per token (sparse).")
-    ] = 64,
+    cache: CacheOpt = "sparse",
+    top_k: TopKOpt = 64,
     text_field: TextFieldOpt = "text",
     num_samples: NumSamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
@@ -278,8 +283,7 @@ def search(
     FITNESS.get(fitness)
     if not 0.0 <= sparsity < 1.0:
         fail(f"--sparsity must be in [0, 1), got {sparsity}")
-    if cache not in ("sparse", "dense"):
-        fail(f"--cache must be 'sparse' or 'dense', got '{cache}'")
+    _check_cache(cache, top_k)
     if candidate_batch < 1:
         fail(f"--candidate-batch must be >= 1, got {candidate_batch}")
     placement = _device_map(device)
@@ -359,6 +363,8 @@ def eep_prune(
     seq_len: SeqLenOpt = 512,
     search_samples: SearchSamplesOpt = 16,
     search_seq_len: SearchSeqLenOpt = 256,
+    cache: CacheOpt = "sparse",
+    top_k: TopKOpt = 64,
     device: DeviceOpt = "cpu",
 ) -> None:
     """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
@@ -384,6 +390,7 @@ def eep_prune(
         MergeConfig(population=merge_population, iterations=merge_iterations)
     if criterion is not None:
         get_criterion(criterion)
+    _check_cache(cache, top_k)
     placement = _device_map(device)
     api.check_model(model)
     tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
@@ -399,8 +406,8 @@ def eep_prune(
         stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
         seeds = (api.criterion_plan(stats, criterion, sparsity=sparsity, seed=seed),)
     result = api.eep_prune(
-        loaded, tokens, sparsity=sparsity, fitness=fitness, population=population, iterations=iterations,
-        seed=seed, seeds=seeds, active_experts=active,
+        loaded, tokens, sparsity=sparsity, fitness=fitness, cache=cache, top_k=top_k, population=population,
+        iterations=iterations, seed=seed, seeds=seeds, active_experts=active,
     )  # fmt: skip
     counts = api.expert_counts(loaded)
     merged = None
@@ -408,8 +415,8 @@ def eep_prune(
         from .merge.merging import merge_experts_
 
         merged = api.eep_merge(
-            loaded, tokens, result.best, fitness=fitness, population=merge_population,
-            iterations=merge_iterations, seed=seed, active_experts=active,
+            loaded, tokens, result.best, fitness=fitness, cache=cache, top_k=top_k,
+            population=merge_population, iterations=merge_iterations, seed=seed, active_experts=active,
         )  # fmt: skip
         kept = merge_experts_(loaded, merged.best)
     else:
