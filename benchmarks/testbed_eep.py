@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # the full model, top-k as trained
     esap = {name: teacher.evaluate(plan or {}).value for name, plan in plans.items()}
     results = evaluate_plans(model, tok, plans, **suite)
+    if k:  # the criterion's plan routed to k' experts, without any search
+        reduced = f"{args.criterion}{suffix}"
+        with reduced_active_experts(model, k):
+            esap[reduced] = teacher.evaluate(criterion_plan).value
+            results |= evaluate_plans(model, tok, {reduced: criterion_plan}, **suite)
     with reduced_active_experts(model, k):
         esap[eep_name] = teacher.evaluate(result.best).value
         results |= evaluate_plans(model, tok, {eep_name: result.best}, **suite)

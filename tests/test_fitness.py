@@ -246,3 +246,12 @@ def test_stacked_candidates_equal_one_at_a_time(family):
 def test_candidate_batch_must_be_positive(mixtral):
     with pytest.raises(ValueError, match="candidate_batch"):
         CandidateEvaluator(mixtral, search_set(), candidate_batch=0)
+
+
+def test_head_chunks_by_device():
+    """256 rows on a CPU (logits stay in cache); on an accelerator as many as fit in 256 MiB."""
+    from moeprune.fitness.evaluator import head_rows_for
+
+    assert head_rows_for(torch.device("cpu"), 6000) == 256
+    assert head_rows_for(torch.device("meta"), 6000) == 2**28 // (4 * 6000)
+    assert head_rows_for(torch.device("meta"), 10**7) == 256

@@ -37,7 +37,14 @@ PrefixKey = tuple[int, tuple[tuple[int, ...], ...]]
 
 # Rows of logits built at once when scoring: (256, V) float32 stays in cache for the log-softmax and the
 # fitness, which then cost ~2% of the lm_head instead of ~40% on (B * L, V) (measured on the testbed).
+# An accelerator wants fewer, larger launches instead: as many rows as fit in DEVICE_HEAD_BYTES.
 HEAD_ROWS = 256
+DEVICE_HEAD_BYTES = 256 * 2**20
+
+
+def head_rows_for(device: torch.device, vocab: int) -> int:
+    """Scored rows per head chunk: `HEAD_ROWS` on a CPU, else (rows, V) float32 logits in DEVICE_HEAD_BYTES."""
+    return HEAD_ROWS if device.type == "cpu" else max(HEAD_ROWS, DEVICE_HEAD_BYTES // (4 * vocab))
 
 
 @dataclass
@@ -160,7 +167,7 @@ class CandidateEvaluator:
         reuse: bool = True,
         full_forward: bool = False,
         cache_bytes: int = 512 * 2**20,
-        head_rows: int | None = HEAD_ROWS,
+        head_rows: int | None | str = "auto",
         candidate_batch: int = 1,
     ) -> None:
         if candidate_batch < 1:
@@ -171,6 +178,9 @@ class CandidateEvaluator:
         search = self.search
         self.candidate_batch = candidate_batch
         self._stacked: list[StackedCalls] | None = None
+        if head_rows == "auto":
+            vocab = model.config.get_text_config().vocab_size
+            head_rows = head_rows_for(self.device, vocab)
         self.head_rows = head_rows  # scored rows per log-softmax; None = all of a batch's at once
         self.fitness: Fitness = FITNESS.get(fitness)
         self.replay_fallback: str | None = None  # why layer replay is off for this model, if it is

@@ -90,10 +90,18 @@ def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
     kind = layer.family.router_output
     block_args = _block_router_args(layer)
 
+    keep_on: dict[torch.device, torch.Tensor] = {}
+
+    def keep_t(device: torch.device) -> torch.Tensor:
+        """`keep` as an index tensor on `device` (copied there once per mask, not per call)."""
+        if device not in keep_on:
+            keep_on[device] = torch.as_tensor(keep, device=device)
+        return keep_on[device]
+
     def sliced(value):
         for tensor, dim in block_args:
             if value is tensor:
-                return value.index_select(dim, torch.as_tensor(keep, device=value.device))
+                return value.index_select(dim, keep_t(value.device))
         return value
 
     def forward(hidden_states, *args, **kwargs):
@@ -103,17 +111,17 @@ def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
         out = clone.forward(hidden_states, *args, **kwargs)
         if kind in ("topk", "topk_probs"):
             logits, weights, indices = out  # (T, E'), (T, k), (T, k); probabilities for topk_probs
-            keep_t = torch.as_tensor(keep, device=indices.device)
+            ids = keep_t(indices.device)
             fill = float("-inf") if kind == "topk" else 0.0
             full = logits.new_full((*logits.shape[:-1], num_experts), fill)  # (T, E)
-            full[..., keep_t] = logits
-            return full, weights, keep_t[indices]
+            full[..., ids] = logits
+            return full, weights, ids[indices]
         scores, logits = out  # dense_scores: (T, E'), (T, E')
-        keep_t = torch.as_tensor(keep, device=scores.device)
+        ids = keep_t(scores.device)
         full_scores = scores.new_zeros((*scores.shape[:-1], num_experts))
-        full_scores[..., keep_t] = scores
+        full_scores[..., ids] = scores
         full_logits = logits.new_full((*logits.shape[:-1], num_experts), float("-inf"))
-        full_logits[..., keep_t] = logits
+        full_logits[..., ids] = logits
         return full_scores, full_logits
 
     return forward
