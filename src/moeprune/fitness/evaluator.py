@@ -149,6 +149,9 @@ class HiddenCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: PrefixKey) -> bool:
+        return key in self._items
+
 
 class CandidateEvaluator:
     """Teacher cache + fitness of any `ExpertPlan` on one search set.
@@ -315,8 +318,9 @@ class CandidateEvaluator:
             if self.reuse and i in moe:
                 for pos, c in enumerate(active):
                     key = self._key(i, removed[c])
-                    cut = [states[b][pos * n : (pos + 1) * n].clone() for b, n in enumerate(rows)]
-                    self.hidden.put(key, PrefixState(cut))
+                    if key not in self.hidden:
+                        cut = [states[b][pos * n : (pos + 1) * n].clone() for b, n in enumerate(rows)]
+                        self.hidden.put(key, PrefixState(cut))
                     touched[c].append(key)
             layer_plans = [ExpertPlan.from_removed({i: removed[c][i]} if i in moe else {}) for c in active]
             with mask_stacked(self.model, layer_plans):
