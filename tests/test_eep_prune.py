@@ -80,6 +80,25 @@ def test_api_eep_prune_uniform_sparsity(qwen):
         api.eep_prune(qwen, search_set(), removed_per_layer={0: 8}, progress=False)
 
 
+def test_stacked_candidates_give_the_same_eep_search(qwen):
+    """candidate_batch 3 (stacked, here with 3 active experts) finds what one-at-a-time finds."""
+    runs = [
+        api.eep_prune(
+            qwen,
+            search_set(),
+            sparsity=0.5,
+            population=5,
+            iterations=3,
+            active_experts=3,
+            progress=False,
+            candidate_batch=c,
+        )  # fmt: skip
+        for c in (1, 3)
+    ]
+    assert runs[0].best == runs[1].best and runs[0].evaluations == runs[1].evaluations
+    assert runs[0].best_score == pytest.approx(runs[1].best_score, abs=1e-5)
+
+
 TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
 
 
@@ -98,7 +117,8 @@ def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
         "--search-seq-len", "32",
     )  # fmt: skip
     code, _, err = run_cli(*args, "--criterion", "frequency", "--data", tmp_path / "text.txt",
-                           "--num-samples", "4", "--seq-len", "32", "--cache", "dense")  # fmt: skip
+                           "--num-samples", "4", "--seq-len", "32", "--cache", "dense",
+                           "--candidate-batch", "2")  # fmt: skip
     assert code == 0, err
     assert AutoConfig.from_pretrained(out).num_experts == 4  # uniform: a stock checkpoint
     manifest = json.loads((out / "moeprune.json").read_text())

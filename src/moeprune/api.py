@@ -368,13 +368,15 @@ def eep_prune(
     seeds: tuple[ExpertPlan, ...] = (),
     active_experts: int | None = None,
     progress: bool = True,
+    candidate_batch: int = 1,
 ):
     """EEP's prune phase on `model`: search which experts each MoE layer keeps, scored by `fitness`
     on `search_data` (a `SearchSet` or `TokenSet`) by exact masking. How many each layer loses is
     given: a uniform `sparsity`, or `removed_per_layer` (e.g. an EvoESAP plan's counts). `seeds`
     (e.g. a criterion's plan) join the random initial population. With `active_experts` = k', the
     candidates route every token to k' experts (the teacher keeps the model's own top-k): EEP's
-    active-expert reduction. Returns `merge.EEPResult`; the model is left unchanged (prune it with
+    active-expert reduction. `candidate_batch` stacks that many candidates into one forward (pays on a
+    GPU). Returns `merge.EEPResult`; the model is left unchanged (prune it with
     ``prune(model, result.best)``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -395,7 +397,9 @@ def eep_prune(
     cfg = EEPConfig(population=population, iterations=iterations, seed=seed)
     if not isinstance(search_data, SearchSet):
         search_data = search_set(search_data)
-    evaluator = CandidateEvaluator(model, search_data, fitness=fitness, cache=cache, top_k=top_k)
+    evaluator = CandidateEvaluator(
+        model, search_data, fitness=fitness, cache=cache, top_k=top_k, candidate_batch=candidate_batch
+    )
     with reduced_active_experts(model, active_experts), Progress(
         TextColumn("EEP prune"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
         TimeElapsedColumn(), disable=not progress, transient=True,
@@ -407,6 +411,7 @@ def eep_prune(
             cfg,
             seeds=seeds,
             progress=lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}"),
+            score_many=lambda plans: [r.score for r in evaluator.evaluate_many(plans)],
         )
 
 

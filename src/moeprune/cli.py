@@ -56,6 +56,13 @@ SearchSamplesOpt = Annotated[int, typer.Option("--search-samples", help="Search 
 SearchSeqLenOpt = Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")]
 CacheOpt = Annotated[str, typer.Option("--cache", help="Teacher cache: sparse (top-K + tail) or dense.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Teacher probabilities kept per token (sparse).")]
+CandidateBatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--candidate-batch",
+        help="Candidates stacked into one forward; pays on a GPU, not on a CPU (1 = one at a time).",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda, cuda:1, mps.")]
 
 
@@ -64,6 +71,11 @@ def _check_cache(cache: str, top_k: int) -> None:
         fail(f"--cache must be 'sparse' or 'dense', got '{cache}'")
     if top_k < 1:
         fail(f"--top-k must be >= 1, got {top_k}")
+
+
+def _check_candidate_batch(candidate_batch: int) -> None:
+    if candidate_batch < 1:
+        fail(f"--candidate-batch must be >= 1, got {candidate_batch}")
 
 
 def _device_map(device: str) -> dict:
@@ -264,13 +276,7 @@ def search(
     search_samples: SearchSamplesOpt = 16,
     search_seq_len: SearchSeqLenOpt = 256,
     device: DeviceOpt = "cpu",
-    candidate_batch: Annotated[
-        int,
-        typer.Option(
-            "--candidate-batch",
-            help="Candidates stacked into one forward; pays on a GPU, not on a CPU (1 = one at a time).",
-        ),
-    ] = 1,
+    candidate_batch: CandidateBatchOpt = 1,
 ) -> None:
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     from . import api
@@ -284,8 +290,7 @@ def search(
     if not 0.0 <= sparsity < 1.0:
         fail(f"--sparsity must be in [0, 1), got {sparsity}")
     _check_cache(cache, top_k)
-    if candidate_batch < 1:
-        fail(f"--candidate-batch must be >= 1, got {candidate_batch}")
+    _check_candidate_batch(candidate_batch)
     placement = _device_map(device)
     api.check_model(model)
     calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
@@ -366,6 +371,7 @@ def eep_prune(
     cache: CacheOpt = "sparse",
     top_k: TopKOpt = 64,
     device: DeviceOpt = "cpu",
+    candidate_batch: CandidateBatchOpt = 1,
 ) -> None:
     """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
     them (--merge-iterations), and save the smaller checkpoint to --out."""
@@ -391,6 +397,7 @@ def eep_prune(
     if criterion is not None:
         get_criterion(criterion)
     _check_cache(cache, top_k)
+    _check_candidate_batch(candidate_batch)
     placement = _device_map(device)
     api.check_model(model)
     tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
@@ -407,7 +414,7 @@ def eep_prune(
         seeds = (api.criterion_plan(stats, criterion, sparsity=sparsity, seed=seed),)
     result = api.eep_prune(
         loaded, tokens, sparsity=sparsity, fitness=fitness, cache=cache, top_k=top_k, population=population,
-        iterations=iterations, seed=seed, seeds=seeds, active_experts=active,
+        iterations=iterations, seed=seed, seeds=seeds, active_experts=active, candidate_batch=candidate_batch,
     )  # fmt: skip
     counts = api.expert_counts(loaded)
     merged = None

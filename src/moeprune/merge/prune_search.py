@@ -130,8 +130,10 @@ def eep_prune_search(
     *,
     seeds: Sequence[ExpertPlan] = (),
     progress: Callable[[int, float], None] | None = None,
+    score_many: Callable[[list[ExpertPlan]], list[float]] | None = None,
 ) -> EEPResult:
-    """Maximise ``score(plan)`` over the selections of `choices` (see the module docstring)."""
+    """Maximise ``score(plan)`` over the selections of `choices` (see the module docstring).
+    ``score_many``, when given, scores an iteration's new selections in one call (e.g. stacked)."""
     t0 = time.perf_counter()
     rng = np.random.Generator(np.random.PCG64(cfg.seed))
     population = [from_plan(choices, p) for p in seeds][: cfg.population]
@@ -140,11 +142,11 @@ def eep_prune_search(
     history: list[dict] = []
     best, best_score = population[0], float("-inf")
     for it in range(1, cfg.iterations + 1):
-        new = 0
-        for sel in dict.fromkeys(population):
-            if sel not in scores:
-                scores[sel] = float(score(to_plan(choices, sel)))
-                new += 1
+        fresh = [sel for sel in dict.fromkeys(population) if sel not in scores]
+        plans = [to_plan(choices, sel) for sel in fresh]
+        values = score_many(plans) if score_many is not None and plans else [score(p) for p in plans]
+        scores.update((sel, float(v)) for sel, v in zip(fresh, values, strict=True))
+        new = len(fresh)
         ranked = sorted(dict.fromkeys(population), key=lambda s: (-scores[s], s))
         if scores[ranked[0]] > best_score:
             best, best_score = ranked[0], scores[ranked[0]]
