@@ -61,7 +61,7 @@ def timed_search(model, search, space, order, cfg, probe, plain_every: int = 4, 
         results = ev.evaluate_many([plan_from_counts(space, order, c) for c in many])
         evals.append((time.perf_counter() - t, len(many)))
         per_candidate.update((c, r.value) for c, r in zip(many, results, strict=True))
-        if len(evals) % plain_every == 1:
+        if (len(evals) - 1) % plain_every == 0:
             plains.append(probe.plain_forward_seconds())
         return [r.score for r in results]
 

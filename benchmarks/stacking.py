@@ -11,15 +11,14 @@ candidate over the search in plain forwards of the search set (timed in the same
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from search import timed_search  # benchmarks/search.py: one timed search next to plain forwards
 
 from moeprune import api
-from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_counts
+from moeprune.allocate import AllocationSpace, EvoConfig
 from moeprune.arch import moe_layers
 from moeprune.demo import load_testbed, removal_order_for, token_split
 from moeprune.fitness import CandidateEvaluator
@@ -27,25 +26,6 @@ from moeprune.fitness import CandidateEvaluator
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
-
-
-def timed_search(model, search, probe, space, order, cfg, stack: int) -> tuple[float, tuple]:
-    """(mean seconds per candidate / median plain forward, best plan) of one search."""
-    ev = CandidateEvaluator(model, search, candidate_batch=stack)
-    ev.evaluate_many([{}] * min(stack, 2))  # builds the stacked call arguments outside the timing
-    spent, plains = [], []
-
-    def many(counts):
-        t0 = time.perf_counter()
-        results = ev.evaluate_many([plan_from_counts(space, order, c) for c in counts])
-        spent.append((time.perf_counter() - t0, len(counts)))
-        if stack > 1 or len(spent) % 4 == 1:  # a plain forward next to every 4th single candidate
-            plains.append(probe.plain_forward_seconds())
-        return [r.score for r in results]
-
-    result = evolve(space, lambda c: many([c])[0], cfg, score_many=many)
-    per = sum(s for s, _ in spent) / sum(n for _, n in spent)
-    return per / statistics.median(plains), result.best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,8 +63,17 @@ def main(argv: list[str] | None = None) -> None:
         probe.plain_forward_seconds()
         cells = []
         for stack in args.stacks:
-            ratio, best = timed_search(model, search, probe, space, order, cfg, stack)
-            plans.add(best)
+            _, result, _, _, ratio, _ = timed_search(
+                model,
+                search,
+                space,
+                order,
+                cfg,
+                probe,
+                plain_every=1 if stack > 1 else 4,
+                candidate_batch=stack,
+            )
+            plans.add(result.best)
             cells.append(f"{ratio:.2f}")
         t.add_row(str(batch_size), *cells)
     out.print(t)

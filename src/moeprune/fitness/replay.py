@@ -80,7 +80,8 @@ class StackedCalls:
 
     Built from the batch's record (1 copy) and a record of the batch stacked twice: a tensor whose
     dim 0 doubled is per sequence and is repeated (widest copy kept, narrower widths are views of it);
-    any other value is shared as recorded."""
+    any other value is shared as recorded. Memory: `width` copies of the per-sequence arguments of
+    every search batch (e.g. a padded batch's 4D attention mask; packed windows usually have none)."""
 
     def __init__(self, one: BatchRecord, two: BatchRecord, width: int) -> None:
         self.width = width
