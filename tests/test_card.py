@@ -35,7 +35,7 @@ def test_card_lists_kept_experts_and_load_path():
         "`moeprune.json` holds the kept and removed expert ids per layer and the recipe."
     )
     uniform = model_card(manifest, parameters=1, experts={0: 3, 1: 1}, non_uniform=False)
-    assert "trust_remote_code" not in uniform and "python -m moeprune.evaluate" in uniform
+    assert "trust_remote_code" not in uniform and "moeprune evaluate THIS_DIR" in uniform
 
 
 def test_pruned_checkpoint_has_a_card(tiny_dir, run_cli, tmp_path):

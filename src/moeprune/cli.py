@@ -465,6 +465,81 @@ def eep_prune(
 
 
 @app.command()
+def evaluate(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="Checkpoints (hub ids or directories, pruned or not), one column each."),
+    ],
+    suite: Annotated[
+        str,
+        typer.Option("--suite", help="Suite directory, 'testbed' (bundled) or 'none'."),
+    ] = "testbed",
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="lm-eval tasks, comma-separated (moeprune_mc / moeprune_generation: the suite's own sets).",
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Path | None, typer.Option("--lm-eval-include", help="A folder of extra lm-eval task YAMLs.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="lm-eval documents per task.")] = None,
+    max_items: Annotated[
+        int | None, typer.Option("--max-items", help="Suite generation / multiple-choice items.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write every result as JSON here.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="float32, bfloat16, float16 or auto (default: float32 on a CPU, else auto)."
+        ),
+    ] = None,
+) -> None:
+    """Evaluate checkpoints side by side: the testbed-style suite and/or lm-eval tasks, in process."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from . import api
+    from .evaluate import lm_eval_cells, suite_cells, write_json
+
+    tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
+    suite_dir = None if suite == "none" else suite
+    if suite_dir is None and not tasks:
+        fail("nothing to evaluate: give a --suite or --lm-eval TASKS")
+    if suite_dir not in (None, "testbed") and not Path(suite_dir).is_dir():
+        fail(f"--suite {suite_dir}: no such directory (a folder with test.jsonl, generation.jsonl, ...)")
+    if lm_eval_include is not None and not lm_eval_include.is_dir():
+        fail(f"--lm-eval-include {lm_eval_include}: no such directory")
+    placement = _device_map(device)
+    dtype = dtype or ("float32" if device == "cpu" else "auto")
+    if dtype not in ("float32", "bfloat16", "float16", "auto"):
+        fail(f"--dtype must be float32, bfloat16, float16 or auto, got '{dtype}'")
+    results: dict[str, dict] = {}
+    for name in models:
+        model = api.load(name, dtype=dtype, **placement)
+        results[name] = api.evaluate(
+            model, api.load_tokenizer(name), suite=suite_dir, lm_eval=tasks, limit=limit,
+            max_items=max_items, lm_eval_include=lm_eval_include,
+        )  # fmt: skip
+        del model
+    cells = {
+        name: suite_cells(r.get("suite", {})) | lm_eval_cells(r.get("lm_eval", {}))
+        for name, r in results.items()
+    }
+    table = Table(title="moeprune evaluate")
+    table.add_column("metric")
+    for name in cells:
+        table.add_column(escape(name), justify="right")
+    for metric in dict.fromkeys(m for col in cells.values() for m in col):
+        table.add_row(escape(metric), *(col.get(metric, "") for col in cells.values()))
+    Console().print(table)  # the command's output: stdout (progress and errors go to stderr)
+    if out is not None:
+        console.print(f"results -> {write_json(results, out)}", highlight=False)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory of the demo.")] = Path("moeprune-demo"),
     criterion: Annotated[str, typer.Option("--criterion", help="Within-layer criterion.")] = "frequency",

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import MoepruneError
+from .evaluate.report import suite_cells
 from .surgery import ExpertPlan, mask_experts
 from .surgery.card import markdown_table
 
@@ -87,17 +88,9 @@ def evaluate_plans(model, tokenizer, plans: dict[str, ExpertPlan | None], **suit
 
 def comparison_cells(results: dict[str, dict], esap: dict[str, float]) -> dict[str, dict[str, str]]:
     """{plan: {metric: formatted value}} of the evaluated plans."""
-    cells: dict[str, dict[str, str]] = {}
-    for name, res in results.items():
-        col = {"ESAP (held-out)": f"{esap[name]:.4f}"}
-        for d, v in res.get("perplexity", {}).items():
-            col[f"ppl[{d}]"] = f"{v['ppl']:.2f}"
-        if "generation" in res:
-            col["generation exact match"] = f"{100 * res['generation']['exact_match']:.1f}%"
-        if "multiple_choice" in res:
-            col["multiple-choice acc."] = f"{100 * res['multiple_choice']['accuracy']:.1f}%"
-        cells[name] = col
-    return cells
+    return {
+        name: {"ESAP (held-out)": f"{esap[name]:.4f}"} | suite_cells(res) for name, res in results.items()
+    }
 
 
 def comparison_table(results: dict[str, dict], esap: dict[str, float], title: str) -> Table:

@@ -1,12 +1,13 @@
 """Evaluation: per-domain perplexity, greedy generation exact match, multiple-choice log-likelihood.
 
-``evaluate_suite(model, tokenizer)`` runs the bundled testbed suite; ``format_table`` renders results.
+``evaluate_suite(model, tokenizer)`` runs the bundled testbed suite; ``format_table`` renders results;
+``lm_eval_bridge.lm_eval_tasks`` runs lm-eval tasks on the loaded model (optional dependency).
 """
 
 from .generation import generation_exact_match, greedy_generate
 from .multiple_choice import multiple_choice_accuracy, option_logprobs
 from .perplexity import perplexity_by_domain
-from .report import format_table, write_json
+from .report import format_table, lm_eval_cells, suite_cells, write_json
 from .suite import default_suite_dir, evaluate_suite, read_jsonl
 
 __all__ = [
@@ -15,9 +16,11 @@ __all__ = [
     "format_table",
     "generation_exact_match",
     "greedy_generate",
+    "lm_eval_cells",
     "multiple_choice_accuracy",
     "option_logprobs",
     "perplexity_by_domain",
     "read_jsonl",
+    "suite_cells",
     "write_json",
 ]

@@ -28,6 +28,26 @@ def format_table(results: dict, title: str = "Evaluation") -> Table:
     return table
 
 
+def suite_cells(results: dict) -> dict[str, str]:
+    """{metric: formatted value} of `evaluate_suite` results (perplexity per domain, exact match, MC)."""
+    cells = {f"ppl[{d}]": f"{v['ppl']:.2f}" for d, v in results.get("perplexity", {}).items()}
+    if "generation" in results:
+        cells["generation exact match"] = f"{100 * results['generation']['exact_match']:.1f}%"
+    if "multiple_choice" in results:
+        cells["multiple-choice acc."] = f"{100 * results['multiple_choice']['accuracy']:.1f}%"
+    return cells
+
+
+def lm_eval_cells(results: dict[str, dict[str, float]]) -> dict[str, str]:
+    """{"task: metric (n docs)": value} of `lm_eval_tasks` results."""
+    return {
+        f"{task}: {metric} (n={m.get('n', '?')})": f"{value:.4f}"
+        for task, m in results.items()
+        for metric, value in m.items()
+        if metric != "n"
+    }
+
+
 def write_json(results: dict, path: str | Path) -> Path:
     """Write ``results`` as indented JSON (parent folders created)."""
     path = Path(path)

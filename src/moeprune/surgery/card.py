@@ -84,8 +84,8 @@ def model_card(
     lines += ["```", "", "## Evaluation", ""]
     lines += [
         evaluation
-        or "Not measured when this checkpoint was written; `python -m moeprune.evaluate THIS_DIR` "
-        "prints and writes the testbed table for it."
+        or "Not measured when this checkpoint was written; `moeprune evaluate THIS_DIR [--lm-eval TASKS]` "
+        "prints and writes the table for it."
     ]
     lines += ["", "`moeprune.json` holds the kept and removed expert ids per layer and the recipe.", ""]
     return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""EleutherAI's lm-evaluation-harness on a model already loaded in this process.
+
+`lm_eval_tasks` wraps the model in lm-eval's ``HFLM`` (no reload, so a masked, merged or
+non-uniform pruned model is evaluated as it is in memory) and returns ``{task: {metric: value}}``.
+`suite_task_dir` writes a suite's multiple-choice and generation sets as two lm-eval tasks,
+``moeprune_mc`` (acc: log-likelihood of each option, as `multiple_choice_accuracy`) and
+``moeprune_generation`` (exact match of the greedy answer up to the first newline), so the bundled
+testbed, or any suite directory, runs through the harness offline.
+
+lm-eval is an optional dependency: ``pip install 'moeprune[lm-eval]'``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import MoepruneError
+from ._util import model_device
+
+SUITE_TASKS = ("moeprune_mc", "moeprune_generation")
+
+
+def _task_yaml(name: str, data_file: Path, body: dict) -> str:
+    spec = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+        **body,
+    }
+    return json.dumps(spec, indent=1) + "\n"  # JSON is YAML
+
+
+def suite_task_dir(suite_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ``moeprune_mc.yaml`` / ``moeprune_generation.yaml`` for the suite's
+    ``multiple_choice.jsonl`` / ``generation.jsonl`` (those present) into `out_dir`; returns it
+    (an lm-eval ``include_path``)."""
+    suite, out = Path(suite_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mc, gen = suite / "multiple_choice.jsonl", suite / "generation.jsonl"
+    if mc.exists():
+        (out / "moeprune_mc.yaml").write_text(
+            _task_yaml(
+                "moeprune_mc",
+                mc,
+                {
+                    "output_type": "multiple_choice",
+                    "doc_to_choice": "{{options}}",
+                    "doc_to_target": "answer",
+                    "target_delimiter": "",
+                    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                },
+            )
+        )
+    if gen.exists():
+        (out / "moeprune_generation.yaml").write_text(
+            _task_yaml(
+                "moeprune_generation",
+                gen,
+                {
+                    "output_type": "generate_until",
+                    "doc_to_target": "{{answer}}",
+                    "target_delimiter": "",
+                    "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 8},
+                    "filter_list": [
+                        {
+                            "name": "answer",
+                            "filter": [
+                                {"function": "regex", "regex_pattern": r"^\s*(\S*)"},
+                                {"function": "take_first"},
+                            ],
+                        }  # fmt: skip
+                    ],
+                    "metric_list": [
+                        {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
+                    ],
+                },
+            )
+        )
+    return out
+
+
+def lm_eval_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval `tasks` on `model` in process: ``{task: {metric: value}}`` (stderr entries and
+    the ``,none`` filter suffix dropped; other filters keep theirs). `limit` caps documents per task
+    (an int) or takes a fraction (a float); `include_path` adds folders of task YAMLs."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise MoepruneError(f"lm-eval is not installed ({e}): pip install 'moeprune[lm-eval]'") from None
+    paths = [include_path] if isinstance(include_path, str | Path) else list(include_path or ())
+    manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; `lm-eval ls tasks` lists them"
+            raise MoepruneError(f"unknown lm-eval task '{task}'{hint}")
+    quiet = logging.getLogger("lm_eval")  # its per-run notices (e.g. "model kwarg is not a str")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model))
+        )
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+        )
+    finally:
+        quiet.setLevel(level)
+    results: dict[str, dict[str, float]] = {}  # {task: {"n": documents, metric: value}}
+    for task, metrics in out["results"].items():
+        kept = {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if name == "sample_len":
+                kept["n"] = int(value)
+            elif isinstance(value, int | float) and not isinstance(value, bool) and "_stderr" not in name:
+                kept[name if filt in ("", "none") else f"{name} ({filt})"] = float(value)
+        results[task] = kept
+    return results
