@@ -132,3 +132,32 @@ def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
         code, _, err = run_cli(*args[:6], "--out", tmp_path / "o3", *extra)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "o3").exists()
+
+
+def test_cli_eep_merge_and_active_experts(run_cli, tmp_path):
+    """--merge-iterations and --active-experts: merged experts folded in, top-k lowered, both recorded."""
+    from transformers import AutoConfig
+
+    from tiny_tokenizer import tiny_tokenizer
+
+    model = tiny_model("qwen3_moe")
+    top_k = model.config.num_experts_per_tok
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "eep-prune", tmp_path / "model", "--sparsity", "0.5", "--search-data", tmp_path / "text.txt",
+        "--out", out, "--population", "6", "--iterations", "1", "--search-samples", "2",
+        "--search-seq-len", "32", "--merge-iterations", "2", "--merge-population", "6",
+        "--active-experts", str(top_k - 1),
+    )  # fmt: skip
+    assert code == 0, err
+    config = AutoConfig.from_pretrained(out)
+    assert config.num_experts == 4 and config.num_experts_per_tok == top_k - 1
+    manifest = json.loads((out / "moeprune.json").read_text())
+    assert manifest["selection"] == "eep_prune + eep_merge" and manifest["active_experts"] == top_k - 1
+    merging = json.loads((out / "merging.json").read_text())
+    assert set(merging) == {"0", "1", "2"} and len(merging["0"]["M"]) == 4
+    history = json.loads((out / "eep_history.json").read_text())
+    assert history["merge"]["evaluations"] >= 3

@@ -470,6 +470,73 @@ def eep_merge(
         )
 
 
+def eep(
+    model: PreTrainedModel,
+    search_data,
+    out_dir: str | Path,
+    *,
+    sparsity: float,
+    source: str | Path = "",
+    tokenizer=None,
+    seeds: tuple[ExpertPlan, ...] = (),
+    fitness: str = "esap",
+    cache: str = "sparse",
+    top_k: int = 64,
+    population: int = 16,
+    iterations: int = 100,
+    merge_population: int = 16,
+    merge_iterations: int = 0,
+    active_experts: int | None = None,
+    seed: int = 0,
+    candidate_batch: int = 1,
+    overwrite: bool = False,
+    **extra,
+) -> dict:
+    """EEP end to end on `model` (changed in place): the prune phase (`eep_prune`, seeded with
+    `seeds`), the merge phase when `merge_iterations` > 0 (`eep_merge`, then the merged experts
+    folded into the kept ones), `active_experts` routing, and the checkpoint saved into `out_dir`
+    with ``eep_history.json`` (and ``merging.json``: anchors and M per layer). `extra` goes into
+    ``moeprune.json``. Returns ``{"prune": EEPResult, "merge": MergeResult | None, "out": Path}``."""
+    import json
+
+    from .merge.active import set_active_experts_
+    from .merge.merging import merge_experts_
+
+    result = eep_prune(
+        model, search_data, sparsity=sparsity, fitness=fitness, cache=cache, top_k=top_k, population=population,
+        iterations=iterations, seed=seed, seeds=seeds, active_experts=active_experts,
+        candidate_batch=candidate_batch,
+    )  # fmt: skip
+    counts = expert_counts(model)
+    merged = None
+    if merge_iterations > 0:
+        merged = eep_merge(
+            model, search_data, result.best, fitness=fitness, cache=cache, top_k=top_k,
+            population=merge_population, iterations=merge_iterations, seed=seed, active_experts=active_experts,
+        )  # fmt: skip
+        kept = merge_experts_(model, merged.best)
+    else:
+        kept = prune(model, result.best)
+    if active_experts is not None:
+        set_active_experts_(model, active_experts)
+        extra["active_experts"] = active_experts
+    history = {"prune": {"evaluations": result.evaluations, "history": result.history}}
+    files = {}
+    if merged is not None:
+        history["merge"] = {"evaluations": merged.evaluations, "history": merged.history}
+        merging = {
+            str(i): {"anchors": list(m.anchors), "M": m.weights.tolist()} for i, m in merged.best.items()
+        }
+        files["merging.json"] = json.dumps(merging) + "\n"
+    files["eep_history.json"] = json.dumps(history, indent=1) + "\n"
+    out = save(
+        model, out_dir, source=source, kept=kept, num_experts=counts, tokenizer=tokenizer, overwrite=overwrite,
+        extra_files=files, selection="eep_prune" + (" + eep_merge" if merged is not None else ""),
+        fitness=fitness, sparsity=sparsity, plan=result.best.to_dict(), **extra,
+    )  # fmt: skip
+    return {"prune": result, "merge": merged, "out": out}
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer,

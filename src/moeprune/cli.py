@@ -375,7 +375,6 @@ def eep_prune(
 ) -> None:
     """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
     them (--merge-iterations), and save the smaller checkpoint to --out."""
-    import json
 
     from . import api
     from .criteria import get_criterion
@@ -412,49 +411,14 @@ def eep_prune(
     if criterion is not None:
         stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
         seeds = (api.criterion_plan(stats, criterion, sparsity=sparsity, seed=seed),)
-    result = api.eep_prune(
-        loaded, tokens, sparsity=sparsity, fitness=fitness, cache=cache, top_k=top_k, population=population,
-        iterations=iterations, seed=seed, seeds=seeds, active_experts=active, candidate_batch=candidate_batch,
+    extra = {"criterion": f"{criterion} (seed of the search)"} if criterion is not None else {}
+    done = api.eep(
+        loaded, tokens, out, sparsity=sparsity, source=model, tokenizer=api.load_tokenizer(model), seeds=seeds,
+        fitness=fitness, cache=cache, top_k=top_k, population=population, iterations=iterations,
+        merge_population=merge_population, merge_iterations=merge_iterations, active_experts=active, seed=seed,
+        candidate_batch=candidate_batch, overwrite=overwrite, **extra,
     )  # fmt: skip
-    counts = api.expert_counts(loaded)
-    merged = None
-    if merge_iterations > 0:
-        from .merge.merging import merge_experts_
-
-        merged = api.eep_merge(
-            loaded, tokens, result.best, fitness=fitness, cache=cache, top_k=top_k,
-            population=merge_population, iterations=merge_iterations, seed=seed, active_experts=active,
-        )  # fmt: skip
-        kept = merge_experts_(loaded, merged.best)
-    else:
-        kept = api.prune(loaded, result.best)
-    if active is not None:
-        from .merge.active import set_active_experts_
-
-        set_active_experts_(loaded, active)
-    extra = {
-        "selection": "eep_prune" + (" + eep_merge" if merged is not None else ""),
-        "fitness": fitness,
-        "sparsity": sparsity,
-        "plan": result.best.to_dict(),
-    }
-    if active is not None:
-        extra["active_experts"] = active
-    if criterion is not None:
-        extra["criterion"] = f"{criterion} (seed of the search)"
-    files = {}
-    history = {"prune": {"evaluations": result.evaluations, "history": result.history}}
-    if merged is not None:
-        history["merge"] = {"evaluations": merged.evaluations, "history": merged.history}
-        merging = {
-            str(i): {"anchors": list(m.anchors), "M": m.weights.tolist()} for i, m in merged.best.items()
-        }
-        files["merging.json"] = json.dumps(merging) + "\n"
-    files["eep_history.json"] = json.dumps(history, indent=1) + "\n"
-    api.save(
-        loaded, out, source=model, kept=kept, num_experts=counts, tokenizer=api.load_tokenizer(model),
-        overwrite=overwrite, extra_files=files, **extra,
-    )  # fmt: skip
+    result, merged = done["prune"], done["merge"]
     summary = f"EEP prune ({fitness}): best {result.best_score:.5f} after {result.evaluations} candidates"
     if merged is not None:
         summary += (
