@@ -572,3 +572,69 @@ def evaluate(
                 include.append(lm_eval_include)
             out["lm_eval"] = lm_eval_tasks(model, tokenizer, list(lm_eval), limit=limit, include_path=include)
     return out
+
+
+def run(recipe, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Carry out a `recipe.Recipe` (or a YAML path): load and validate everything, prune by the
+    recipe's allocation, save the checkpoint with ``recipe.yaml`` beside it, then (``evaluate``)
+    reload the checkpoint and write ``evaluation.json``. Returns ``{"out", "evaluation"}``."""
+    import json
+
+    from .criteria import removal_order
+    from .recipe import EEPSpec, Recipe
+    from .surgery.checkpoint import check_output_dir
+
+    r = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
+    out = Path(r.out)
+    check_output_dir(out, overwrite)
+    check_model(r.model)
+    tokenizer = load_tokenizer(r.model)
+
+    def tokens(spec):
+        return load_calibration(
+            spec.data, tokenizer, text_field=spec.text_field, seq_len=spec.seq_len, num_samples=spec.samples,
+            seed=r.seed,
+        )  # fmt: skip
+
+    calib = tokens(r.calibration) if r.calibration is not None else None
+    search_tokens = tokens(r.search.data) if r.search is not None else None
+    placement = {} if r.device == "cpu" else {"device_map": r.device}
+    model = load(r.model, **placement)
+    stats = observe(model, calib, criteria=[r.criterion], seed=r.seed, progress=progress) if calib else None
+    common = dict(source=r.model, tokenizer=tokenizer, recipe=r.model_dump(exclude_none=True))
+    if r.allocation == "uniform":
+        counts = expert_counts(model)
+        plan, kept = prune_by_criterion(model, r.criterion, stats=stats, sparsity=r.sparsity, seed=r.seed)
+        save(
+            model, out, kept=kept, num_experts=counts, overwrite=overwrite, plan=plan.to_dict(),
+            criterion=r.criterion, sparsity=r.sparsity, allocation="uniform", **common,
+        )  # fmt: skip
+    elif r.allocation == "evoesap":
+        s = r.search
+        search(
+            model, removal_order(stats, r.criterion, r.seed), search_tokens, out, sparsity=r.sparsity,
+            fitness=s.fitness, cache=s.cache, top_k=s.top_k, population=s.population, generations=s.generations,
+            seed=r.seed, overwrite=overwrite, progress=progress, candidate_batch=s.candidate_batch,
+            criterion=r.criterion, **common,
+        )  # fmt: skip
+    else:
+        s, e = r.search, r.eep or EEPSpec()
+        seeds = (criterion_plan(stats, r.criterion, sparsity=r.sparsity, seed=r.seed),) if stats else ()
+        eep(
+            model, search_tokens, out, sparsity=r.sparsity, seeds=seeds, fitness=s.fitness, cache=s.cache,
+            top_k=s.top_k, population=e.population, iterations=e.iterations, merge_population=e.merge_population,
+            merge_iterations=e.merge_iterations, active_experts=e.active_experts, seed=r.seed,
+            candidate_batch=s.candidate_batch, overwrite=overwrite, **common,
+        )  # fmt: skip
+    (out / "recipe.yaml").write_text(r.to_yaml())
+    results = None
+    if r.evaluate is not None:
+        del model
+        dtype = "float32" if r.device == "cpu" else "auto"
+        pruned = load(out, dtype=dtype, **placement)
+        ev = r.evaluate
+        results = evaluate(
+            pruned, tokenizer, suite=ev.suite, lm_eval=ev.lm_eval, limit=ev.limit, max_items=ev.max_items
+        )
+        (out / "evaluation.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return {"out": out, "evaluation": results}

@@ -504,6 +504,29 @@ def evaluate(
 
 
 @app.command()
+def run(
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe YAML (model, out, sparsity, criterion, allocation, ...).")
+    ],
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Carry out a pruning recipe: prune, save the checkpoint with recipe.yaml, evaluate it if asked."""
+    from . import api
+    from .evaluate import lm_eval_cells, suite_cells
+    from .recipe import Recipe
+
+    r = Recipe.from_yaml(recipe)
+    _device_map(r.device)
+    done = api.run(r, overwrite=overwrite)
+    console.print(f"{r.allocation} pruning at {r.sparsity:.0%} -> {done['out']} (checkpoint, recipe.yaml)")
+    if done["evaluation"] is not None:
+        ev = done["evaluation"]
+        cells = suite_cells(ev.get("suite", {})) | lm_eval_cells(ev.get("lm_eval", {}))
+        Console().print("\n".join(f"{k}: {v}" for k, v in cells.items()), highlight=False)
+        console.print(f"evaluation -> {done['out'] / 'evaluation.json'}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory of the demo.")] = Path("moeprune-demo"),
     criterion: Annotated[str, typer.Option("--criterion", help="Within-layer criterion.")] = "frequency",

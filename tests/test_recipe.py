@@ -1,0 +1,99 @@
+"""Recipes: YAML <-> Recipe with one-line errors, and `moeprune run` for each allocation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from moeprune.api import expert_counts
+from moeprune.errors import MoepruneError
+from moeprune.recipe import Recipe
+from moeprune.surgery import load
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    tiny_model("qwen3_moe").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    suite = root / "suite"
+    suite.mkdir()
+    (suite / "multiple_choice.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"{i}+1=", "options": [f"{i + 1}\n", f"{i + 2}\n"], "answer": 0}) + "\n"
+            for i in range(4)
+        )  # fmt: skip
+    )
+    return root
+
+
+def recipe(root, out: str, **changes) -> dict:
+    data = {"data": str(root / "text.txt"), "samples": 4, "seq_len": 32}
+    base = {
+        "model": str(root / "model"), "out": str(root / out), "sparsity": 0.5, "criterion": "frequency",
+        "calibration": data, "search": {"data": data, "population": 4, "generations": 2},
+    }  # fmt: skip
+    base.update(changes)
+    return base
+
+
+def write(root, name: str, data: dict):
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_round_trip(root):
+    r = Recipe.from_yaml(write(root, "rt", recipe(root, "o", allocation="evoesap")))
+    assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
+    assert r.search.generations == 2 and r.search.fitness == "esap" and r.allocation == "evoesap"
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"sparsty": 0.5}, "sparsty: Extra inputs are not permitted"),
+        ({"sparsity": 1.5}, "sparsity: Input should be less than 1"),
+        ({"allocation": "evo"}, "allocation: Input should be 'uniform', 'evoesap' or 'eep'"),
+        ({"criterion": "freq"}, "freq"),
+        ({"calibration": None}, "a criterion needs calibration data"),
+        ({"allocation": "evoesap", "search": None}, "needs search data"),
+        ({"eep": {"iterations": 2}}, "an eep section needs allocation: eep"),
+        ({"search": {"data": {"data": "x"}, "population": 0}}, "search.population: Input should be greater"),
+    ],
+)
+def test_bad_recipes_fail_in_one_line(root, changes, needle):
+    with pytest.raises(MoepruneError) as e:
+        Recipe.from_yaml(write(root, "bad", recipe(root, "o", **changes)))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "evoesap", "eep"])
+def test_run_each_allocation(run_cli, root, allocation):
+    extra = {"eep": {"population": 4, "iterations": 1}} if allocation == "eep" else {}
+    tasks = ["moeprune_mc"] if allocation == "uniform" else []  # lm-eval once (its task index is slow)
+    data = recipe(
+        root, f"out-{allocation}", allocation=allocation,
+        evaluate={"suite": str(root / "suite"), "lm_eval": tasks, "limit": 2}, **extra,
+    )  # fmt: skip
+    path = write(root, allocation, data)
+    code, stdout, err = run_cli("run", path)
+    assert code == 0, err
+    out = root / f"out-{allocation}"
+    assert sum(expert_counts(load(out)).values()) == 12  # half of 3 layers x 8 experts
+    manifest = json.loads((out / "moeprune.json").read_text())
+    assert manifest["recipe"]["allocation"] == allocation
+    assert Recipe.from_yaml(out / "recipe.yaml").allocation == allocation
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["suite"]["multiple_choice"]["n"] == 4
+    assert evaluation.get("lm_eval", {}).get("moeprune_mc", {}).get("n") == (2 if tasks else None)
+    assert "multiple-choice acc." in stdout
+    code, _, err = run_cli("run", path)  # the output exists now
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
