@@ -15,6 +15,7 @@ from moeprune.fitness import CandidateEvaluator, SearchSet
 from moeprune.merge import EEPConfig, eep_prune_search, layer_choices
 from moeprune.merge.prune_search import mutate
 from tiny_models import tiny_model
+from tiny_tokenizer import TEXT, save_tiny_checkpoint
 
 
 def search_set(seed: int = 0) -> SearchSet:
@@ -99,16 +100,10 @@ def test_stacked_candidates_give_the_same_eep_search(qwen):
     assert runs[0].best_score == pytest.approx(runs[1].best_score, abs=1e-5)
 
 
-TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
-
-
 def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
     from transformers import AutoConfig
 
-    from tiny_tokenizer import tiny_tokenizer
-
-    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    save_tiny_checkpoint(tmp_path / "model")
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "out"
     args = (
@@ -138,12 +133,9 @@ def test_cli_eep_merge_and_active_experts(run_cli, tmp_path):
     """--merge-iterations and --active-experts: merged experts folded in, top-k lowered, both recorded."""
     from transformers import AutoConfig
 
-    from tiny_tokenizer import tiny_tokenizer
-
     model = tiny_model("qwen3_moe")
     top_k = model.config.num_experts_per_tok
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    save_tiny_checkpoint(tmp_path / "model", model)
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "out"
     code, _, err = run_cli(

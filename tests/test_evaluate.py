@@ -15,7 +15,7 @@ from moeprune.evaluate.lm_eval_bridge import lm_eval_tasks, suite_task_dir
 from moeprune.surgery import mask_experts, save_pruned
 from moeprune.surgery.prune import remove_experts_
 from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_checkpoint, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
 
@@ -62,8 +62,7 @@ def checkpoints(tmp_path_factory, testbed):
     """A tiny model with a tokenizer, the same pruned non-uniformly, and a five-line suite."""
     root = tmp_path_factory.mktemp("evaluate")
     model = tiny_model("qwen3_moe")
-    model.save_pretrained(root / "full")
-    tiny_tokenizer().save_pretrained(root / "full")
+    save_tiny_checkpoint(root / "full", model)
     remove_experts_(model, {0: [1, 2], 1: [3, 4, 5, 6]})
     save_pruned(model, root / "pruned", manifest={}, tokenizer=tiny_tokenizer())
     suite = root / "suite"

@@ -11,17 +11,13 @@ from moeprune.api import expert_counts
 from moeprune.errors import MoepruneError
 from moeprune.recipe import Recipe
 from moeprune.surgery import load
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
-
-TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
+from tiny_tokenizer import TEXT, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    tiny_model("qwen3_moe").save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny_checkpoint(root / "model")
     (root / "text.txt").write_text(TEXT)
     suite = root / "suite"
     suite.mkdir()

@@ -7,17 +7,13 @@ import json
 import pytest
 
 from moeprune.surgery import load
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
-
-TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
+from tiny_tokenizer import TEXT, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    tiny_model("qwen3_moe").save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny_checkpoint(root / "model")
     (root / "calib.txt").write_text(TEXT)
     (root / "search.txt").write_text(TEXT[::-1])
     return root

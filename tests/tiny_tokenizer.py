@@ -23,3 +23,16 @@ def tiny_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     )
     out.chat_template = CHAT_TEMPLATE if chat else None
     return out
+
+
+# a few hundred characters of text every tiny model can tokenise (calibration / search data in tests)
+TEXT = "\n".join(f"the {i} cat sat on {i * 7 % 13} mats and {i % 5} hats" for i in range(60))
+
+
+def save_tiny_checkpoint(path, model=None):
+    """Save `model` (default: a tiny Qwen3-MoE) with the tiny tokenizer into `path`; returns `path`."""
+    from tiny_models import tiny_model
+
+    (model if model is not None else tiny_model("qwen3_moe")).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
