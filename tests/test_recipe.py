@@ -60,6 +60,7 @@ def test_yaml_round_trip(root):
         ({"allocation": "evo"}, "allocation: Input should be 'uniform', 'evoesap' or 'eep'"),
         ({"criterion": "freq"}, "freq"),
         ({"calibration": None}, "a criterion needs calibration data"),
+        ({"allocation": "eep", "criterion": None}, "calibration data is only used by a criterion"),
         ({"allocation": "evoesap", "search": None}, "needs search data"),
         ({"eep": {"iterations": 2}}, "an eep section needs allocation: eep"),
         ({"search": {"data": {"data": "x"}, "population": 0}}, "search.population: Input should be greater"),

@@ -86,6 +86,8 @@ class Recipe(_Strict):
             raise ValueError(f"allocation '{self.allocation}' needs a criterion (the within-layer ranking)")
         if self.criterion is not None and self.calibration is None:
             raise ValueError("a criterion needs calibration data (calibration: {data: FILE})")
+        if self.calibration is not None and self.criterion is None:
+            raise ValueError("calibration data is only used by a criterion: add one, or drop calibration")
         if self.allocation in ("evoesap", "eep") and self.search is None:
             raise ValueError(
                 f"allocation '{self.allocation}' needs search data (search: {{data: {{data: FILE}}}})"
