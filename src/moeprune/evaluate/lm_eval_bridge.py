@@ -21,67 +21,58 @@ from pathlib import Path
 from ..errors import MoepruneError
 from ._util import model_device
 
-SUITE_TASKS = ("moeprune_mc", "moeprune_generation")
-
-
-def _task_yaml(name: str, data_file: Path, body: dict) -> str:
-    spec = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
-        "test_split": "test",
-        "doc_to_text": "{{prompt}}",
-        **body,
-    }
-    return json.dumps(spec, indent=1) + "\n"  # JSON is YAML
+_METRIC = {"aggregation": "mean", "higher_is_better": True}
+# lm-eval task name -> (suite file, task body): the suite's two scored sets, scored as the suite scores them
+SUITE_TASKS: dict[str, tuple[str, dict]] = {
+    "moeprune_mc": (
+        "multiple_choice.jsonl",
+        {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "{{options}}",
+            "doc_to_target": "answer",
+            "target_delimiter": "",
+            "metric_list": [{"metric": "acc", **_METRIC}],
+        },
+    ),
+    "moeprune_generation": (
+        "generation.jsonl",
+        {
+            "output_type": "generate_until",
+            "doc_to_target": "{{answer}}",
+            "target_delimiter": "",
+            "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 8},
+            # the answer is the greedy text up to the first newline, stripped (`normalize_answer`)
+            "filter_list": [
+                {
+                    "name": "answer",
+                    "filter": [
+                        {"function": "regex", "regex_pattern": r"^\s*(\S*)"},
+                        {"function": "take_first"},
+                    ],
+                }
+            ],
+            "metric_list": [{"metric": "exact_match", **_METRIC}],
+        },
+    ),
+}
 
 
 def suite_task_dir(suite_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``moeprune_mc.yaml`` / ``moeprune_generation.yaml`` for the suite's
-    ``multiple_choice.jsonl`` / ``generation.jsonl`` (those present) into `out_dir`; returns it
-    (an lm-eval ``include_path``)."""
+    """Write ``<task>.yaml`` for each of `SUITE_TASKS` whose file the suite has into `out_dir`; returns
+    it (an lm-eval ``include_path``). The YAML (written as JSON, which YAML reads) points at the file."""
     suite, out = Path(suite_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mc, gen = suite / "multiple_choice.jsonl", suite / "generation.jsonl"
-    if mc.exists():
-        (out / "moeprune_mc.yaml").write_text(
-            _task_yaml(
-                "moeprune_mc",
-                mc,
-                {
-                    "output_type": "multiple_choice",
-                    "doc_to_choice": "{{options}}",
-                    "doc_to_target": "answer",
-                    "target_delimiter": "",
-                    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-                },
-            )
-        )
-    if gen.exists():
-        (out / "moeprune_generation.yaml").write_text(
-            _task_yaml(
-                "moeprune_generation",
-                gen,
-                {
-                    "output_type": "generate_until",
-                    "doc_to_target": "{{answer}}",
-                    "target_delimiter": "",
-                    "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 8},
-                    "filter_list": [
-                        {
-                            "name": "answer",
-                            "filter": [
-                                {"function": "regex", "regex_pattern": r"^\s*(\S*)"},
-                                {"function": "take_first"},
-                            ],
-                        }  # fmt: skip
-                    ],
-                    "metric_list": [
-                        {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
-                    ],
-                },
-            )
-        )
+    for name, (file, body) in SUITE_TASKS.items():
+        if (suite / file).exists():
+            spec = {
+                "task": name,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str((suite / file).resolve())}},
+                "test_split": "test",
+                "doc_to_text": "{{prompt}}",
+                **body,
+            }
+            (out / f"{name}.yaml").write_text(json.dumps(spec, indent=1) + "\n")
     return out
 
 
