@@ -46,12 +46,10 @@ def test_lm_eval_agrees_with_the_suite_on_a_masked_model(testbed, tmp_path):
     assert em["exact_match"] < 0.6, "masking 20 of 32 experts should cost exact match"
 
 
-def test_unknown_task_and_missing_lm_eval(testbed, monkeypatch):
+def test_unknown_task_and_missing_lm_eval(testbed, monkeypatch, tmp_path):
     model, tok, data_dir = testbed
     with pytest.raises(MoepruneError, match="did you mean moeprune_mc"):
-        lm_eval_tasks(
-            model, tok, ["moeprune_mcc"], include_path=suite_task_dir(data_dir, data_dir.parent / "x")
-        )
+        lm_eval_tasks(model, tok, ["moeprune_mcc"], include_path=suite_task_dir(data_dir, tmp_path))
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MoepruneError, match=r"pip install 'moeprune\[lm-eval\]'"):
         lm_eval_tasks(model, tok, ["moeprune_mc"])
