@@ -428,6 +428,26 @@ def eep_prune(
     console.print(f"{summary} -> {out} (checkpoint, moeprune.json, eep_history.json)", highlight=False)
 
 
+def _print_results(results: dict[str, dict], title: str) -> None:
+    """`api.evaluate` results per checkpoint as one table on stdout (rows: metrics; columns: checkpoints)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .evaluate import lm_eval_cells, suite_cells
+
+    cells = {
+        name: suite_cells(r.get("suite", {})) | lm_eval_cells(r.get("lm_eval", {}))
+        for name, r in results.items()
+    }
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in cells:
+        table.add_column(escape(name), justify="right")
+    for metric in dict.fromkeys(m for col in cells.values() for m in col):
+        table.add_row(escape(metric), *(col.get(metric, "") for col in cells.values()))
+    Console().print(table)  # the command's output: stdout (progress and errors go to stderr)
+
+
 @app.command()
 def evaluate(
     models: Annotated[
@@ -462,11 +482,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate checkpoints side by side: the testbed-style suite and/or lm-eval tasks, in process."""
-    from rich.markup import escape
-    from rich.table import Table
-
     from . import api
-    from .evaluate import lm_eval_cells, suite_cells, write_json
+    from .evaluate import write_json
 
     tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
     suite_dir = None if suite == "none" else suite
@@ -488,17 +505,7 @@ def evaluate(
             max_items=max_items, lm_eval_include=lm_eval_include,
         )  # fmt: skip
         del model
-    cells = {
-        name: suite_cells(r.get("suite", {})) | lm_eval_cells(r.get("lm_eval", {}))
-        for name, r in results.items()
-    }
-    table = Table(title="moeprune evaluate")
-    table.add_column("metric")
-    for name in cells:
-        table.add_column(escape(name), justify="right")
-    for metric in dict.fromkeys(m for col in cells.values() for m in col):
-        table.add_row(escape(metric), *(col.get(metric, "") for col in cells.values()))
-    Console().print(table)  # the command's output: stdout (progress and errors go to stderr)
+    _print_results(results, "moeprune evaluate")
     if out is not None:
         console.print(f"results -> {write_json(results, out)}", highlight=False)
 
@@ -512,7 +519,6 @@ def run(
 ) -> None:
     """Carry out a pruning recipe: prune, save the checkpoint with recipe.yaml, evaluate it if asked."""
     from . import api
-    from .evaluate import lm_eval_cells, suite_cells
     from .recipe import Recipe
 
     r = Recipe.from_yaml(recipe)
@@ -520,9 +526,7 @@ def run(
     done = api.run(r, overwrite=overwrite)
     console.print(f"{r.allocation} pruning at {r.sparsity:.0%} -> {done['out']} (checkpoint, recipe.yaml)")
     if done["evaluation"] is not None:
-        ev = done["evaluation"]
-        cells = suite_cells(ev.get("suite", {})) | lm_eval_cells(ev.get("lm_eval", {}))
-        Console().print("\n".join(f"{k}: {v}" for k, v in cells.items()), highlight=False)
+        _print_results({str(done["out"]): done["evaluation"]}, f"{r.allocation} at {r.sparsity:.0%}")
         console.print(f"evaluation -> {done['out'] / 'evaluation.json'}")
 
 
