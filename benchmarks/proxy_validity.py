@@ -36,10 +36,10 @@ from moeprune.allocate import (
 )
 from moeprune.allocate.patterns import SPEC_ORDER
 from moeprune.arch import moe_layers
-from moeprune.demo import load_testbed, removal_order_for, token_split
 from moeprune.evaluate import generation_exact_match, read_jsonl
 from moeprune.fitness import CandidateEvaluator, speculative_acceptance
 from moeprune.surgery import mask_experts
+from moeprune.testbed import load_testbed, removal_order_for, token_split
 
 
 def candidate_counts(space: AllocationSpace, n: int, seed: int) -> list[tuple[int, ...]]:

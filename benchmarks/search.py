@@ -31,8 +31,8 @@ from scipy.stats import kendalltau
 from moeprune import api
 from moeprune.allocate import AllocationSpace, EvoConfig, evolve, mutate, plan_from_counts
 from moeprune.arch import moe_layers
-from moeprune.demo import load_testbed, removal_order_for, token_split
 from moeprune.fitness import CandidateEvaluator
+from moeprune.testbed import load_testbed, removal_order_for, token_split
 
 
 def shared_prefix_share(space: AllocationSpace, base: tuple[int, ...], samples: int = 4000) -> float:

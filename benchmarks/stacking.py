@@ -20,8 +20,8 @@ from search import timed_search  # benchmarks/search.py: one timed search next t
 from moeprune import api
 from moeprune.allocate import AllocationSpace, EvoConfig
 from moeprune.arch import moe_layers
-from moeprune.demo import load_testbed, removal_order_for, token_split
 from moeprune.fitness import CandidateEvaluator
+from moeprune.testbed import load_testbed, removal_order_for, token_split
 
 
 def ints(text: str) -> list[int]:

@@ -22,8 +22,8 @@ from moeprune import api
 from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_counts, uniform_counts
 from moeprune.arch import moe_layers
 from moeprune.criteria import removal_order
-from moeprune.demo import evaluate_plans, heldout_esap, load_testbed, token_split
 from moeprune.fitness import CandidateEvaluator, SearchSet
+from moeprune.testbed import evaluate_plans, heldout_esap, load_testbed, token_split
 
 
 def fmt_row(name: str, esap: float, res: dict, cost: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from moeprune.surgery.card import markdown_table, model_card
+from moeprune.report import markdown_table, model_card
 
 
 def test_markdown_table_rows_in_first_seen_order():

@@ -122,8 +122,8 @@ def test_cli_eep_prune_writes_checkpoint(run_cli, tmp_path):
     bad = ("eep-prune", tmp_path / "model", "--sparsity", "0.5", "--search-data", tmp_path / "text.txt",
            "--out", tmp_path / "o2", "--criterion", "frequency")  # fmt: skip
     code, _, err = run_cli(*bad)
-    assert code == 2 and "go together" in err and len(err.strip().splitlines()) == 1
-    for extra, needle in ((("--cache", "dens"), "'sparse' or 'dense'"), (("--top-k", "0"), "--top-k")):
+    assert code == 2 and "a criterion needs calibration data" in err and len(err.strip().splitlines()) == 1
+    for extra, needle in ((("--cache", "dens"), "did you mean 'dense'"), (("--top-k", "0"), "--top-k")):
         code, _, err = run_cli(*args[:6], "--out", tmp_path / "o3", *extra)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "o3").exists()

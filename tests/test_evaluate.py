@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from moeprune.demo import load_testbed
 from moeprune.errors import MoepruneError
 from moeprune.evaluate import generation_exact_match, multiple_choice_accuracy, read_jsonl
 from moeprune.evaluate.lm_eval_bridge import lm_eval_tasks, suite_task_dir
 from moeprune.surgery import mask_experts, save_pruned
 from moeprune.surgery.prune import remove_experts_
+from moeprune.testbed import load_testbed
 from tiny_models import tiny_model
 from tiny_tokenizer import save_tiny_checkpoint, tiny_tokenizer
 
@@ -92,7 +92,7 @@ def test_cli_evaluates_checkpoints_side_by_side(run_cli, checkpoints):
     [
         (("--suite", "none"), "nothing to evaluate"),
         (("--suite", "/no/such/suite"), "no such directory"),
-        (("--dtype", "fp8"), "--dtype must be"),
+        (("--dtype", "fp8"), "dtype must be"),
     ],
 )
 def test_cli_evaluate_bad_input(run_cli, checkpoints, args, needle):

@@ -56,8 +56,8 @@ def test_yaml_round_trip(root):
     "changes, needle",
     [
         ({"sparsty": 0.5}, "sparsty: Extra inputs are not permitted"),
-        ({"sparsity": 1.5}, "sparsity: Input should be less than 1"),
-        ({"allocation": "evo"}, "allocation: Input should be 'uniform', 'evoesap' or 'eep'"),
+        ({"sparsity": 1.5}, "sparsity: must be in [0, 1), got 1.5"),
+        ({"allocation": "evo"}, "allocation: unknown allocation 'evo' (did you mean 'evoesap'?)"),
         ({"criterion": "freq"}, "freq"),
         ({"calibration": None}, "a criterion needs calibration data"),
         ({"allocation": "eep", "criterion": None}, "calibration data is only used by a criterion"),

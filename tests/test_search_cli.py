@@ -55,7 +55,7 @@ def test_search_writes_run_dir_and_checkpoint(run_cli, setup, tmp_path):
         (("--criterion", "freq"), "freq"),
         (("--device", "cuda:7"), "no such cuda device"),
         (("--device", "gpu0"), "not a device name"),
-        (("--candidate-batch", "0"), "--candidate-batch must be >= 1"),
+        (("--candidate-batch", "0"), "--candidate-batch: Input should be greater than or equal to 1"),
     ],
 )
 def test_search_bad_input(run_cli, setup, tmp_path, extra, needle):

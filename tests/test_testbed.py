@@ -229,7 +229,8 @@ def test_multiple_choice_hand_checked(char_tokenizer, counting_lm) -> None:
 
 
 def test_evaluate_suite_on_testbed(testbed_model) -> None:
-    from moeprune.evaluate import evaluate_suite, format_table
+    from moeprune.evaluate import evaluate_suite
+    from moeprune.report import format_table
 
     model, tok = testbed_model
     res = evaluate_suite(model, tok, max_tokens_per_domain=1024, max_items=16)

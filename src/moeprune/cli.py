@@ -1,6 +1,6 @@
-"""moeprune command line: a thin typer layer over `moeprune.api`.
+"""moeprune command line: flags -> `Recipe` -> `api.run`; it parses, prints and nothing else.
 
-Every bad input is a `MoepruneError`: printed as one line on stderr, exit code 2, nothing written.
+Every bad input is a `MoepruneError` (or a usage error): one line on stderr, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -21,145 +21,95 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-ModelArg = Annotated[str, typer.Argument(help="Hugging Face hub id or local checkpoint directory.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the pruned checkpoint.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")]
+console = Console(stderr=True)  # progress, notes and errors; results go to stdout
 
 
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+def opt(flag: str, help: str, **kw):
+    return typer.Option(flag, help=help, **kw)
 
 
-CriterionOpt = Annotated[
-    str | None, typer.Option("--criterion", help="Within-layer criterion (frequency, reap, naee, mop, ...).")
+Model = Annotated[str, typer.Argument(help="Hugging Face hub id or local checkpoint directory.")]
+Out = Annotated[Path, opt("--out", "Output directory (checkpoint, moeprune.json, run files).")]
+Overwrite = Annotated[bool, opt("--overwrite", "Replace --out if it exists.")]
+Criterion = Annotated[
+    str | None, opt("--criterion", "Within-layer criterion (frequency, reap, naee, mop, ...).")
 ]
-SparsityOpt = Annotated[
-    float | None, typer.Option("--sparsity", help="Fraction of routed experts removed in every MoE layer.")
+Sparsity = Annotated[float | None, opt("--sparsity", "Share of the routed experts removed.")]
+Data = Annotated[
+    str | None, opt("--data", "Calibration data: .jsonl/.json/.parquet/.txt file or hub dataset.")
 ]
-DataOpt = Annotated[
-    str | None,
-    typer.Option("--data", help="Calibration data: .jsonl/.json/.parquet/.txt file or hub dataset."),
+SearchData = Annotated[
+    str, opt("--search-data", "Search data (file or hub dataset) the fitness is measured on.")
 ]
-TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Field of a data row that holds its text.")]
-StatsOpt = Annotated[
-    Path | None,
-    typer.Option("--stats", help="Expert statistics from `moeprune observe` (skips calibration)."),
+Stats = Annotated[
+    str | None, opt("--stats", "Expert statistics from `moeprune observe` (skips calibration).")
 ]
-NumSamplesOpt = Annotated[int, typer.Option("--num-samples", help="Calibration samples (seeded draw).")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample (rows are packed).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, random criterion and K-means.")]
-SearchSamplesOpt = Annotated[int, typer.Option("--search-samples", help="Search samples (seeded draw).")]
-SearchSeqLenOpt = Annotated[int, typer.Option("--search-seq-len", help="Tokens per search sample.")]
-CacheOpt = Annotated[str, typer.Option("--cache", help="Teacher cache: sparse (top-K + tail) or dense.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Teacher probabilities kept per token (sparse).")]
-CandidateBatchOpt = Annotated[
-    int,
-    typer.Option(
-        "--candidate-batch",
-        help="Candidates stacked into one forward; pays on a GPU, not on a CPU (1 = one at a time).",
-    ),
+TextField = Annotated[str, opt("--text-field", "Field of a data row that holds its text.")]
+Samples = Annotated[int, opt("--num-samples", "Calibration samples (seeded draw).")]
+SeqLen = Annotated[int, opt("--seq-len", "Tokens per calibration sample (rows are packed).")]
+SearchSamples = Annotated[int, opt("--search-samples", "Search samples (seeded draw).")]
+SearchSeqLen = Annotated[int, opt("--search-seq-len", "Tokens per search sample.")]
+Seed = Annotated[int, opt("--seed", "Seed of sampling, random criterion, K-means and the searches.")]
+Fitness = Annotated[str, opt("--fitness", "esap, kl_teacher_draft, kl_draft_teacher, nll.")]
+Cache = Annotated[str, opt("--cache", "Teacher cache: sparse (top-K + tail) or dense.")]
+TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (sparse cache).")]
+Device = Annotated[str, opt("--device", "Where the model runs: cpu, cuda, cuda:1, mps.")]
+Stack = Annotated[
+    int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda, cuda:1, mps.")]
+Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")]
+
+# recipe keys -> the flags that set them, so that an error names what the user typed
+FLAGS = {
+    "sparsity": "--sparsity", "criterion": "--criterion", "seed": "--seed", "device": "--device",
+    "dtype": "--dtype", "calibration.samples": "--num-samples", "calibration.seq_len": "--seq-len",
+    "search.data.samples": "--search-samples", "search.data.seq_len": "--search-seq-len",
+    "search.fitness": "--fitness", "search.cache": "--cache", "search.top_k": "--top-k",
+    "search.population": "--population", "search.generations": "--generations",
+    "search.candidate_batch": "--candidate-batch", "eep.population": "--population",
+    "eep.iterations": "--iterations", "eep.merge_population": "--merge-population",
+    "eep.merge_iterations": "--merge-iterations", "eep.active_experts": "--active-experts",
+}  # fmt: skip
 
 
-def _check_cache(cache: str, top_k: int) -> None:
-    if cache not in ("sparse", "dense"):
-        fail(f"--cache must be 'sparse' or 'dense', got '{cache}'")
-    if top_k < 1:
-        fail(f"--top-k must be >= 1, got {top_k}")
+def _build(allocation: str, model: str, out: Path, **fields):
+    """The recipe the flags describe (errors name the flags)."""
+    from . import api
+    from .recipe import Recipe
+
+    return Recipe.build(api.recipe_fields(allocation, model, out, **fields), names=FLAGS)
 
 
-def _check_candidate_batch(candidate_batch: int) -> None:
-    if candidate_batch < 1:
-        fail(f"--candidate-batch must be >= 1, got {candidate_batch}")
+def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
+    """Run the recipe, print its summary (and evaluation table) on stdout."""
+    from . import api
+    from .report import evaluation_cells, table
+
+    done = api.run(recipe, overwrite=overwrite, resume=resume)
+    if done.evaluation:
+        columns = {name: evaluation_cells(r) for name, r in done.evaluation.items()}
+        Console().print(table(columns, f"{recipe.allocation} at {recipe.sparsity or 0:.0%}"))
+    Console().print(f"{done.choice.summary} -> {done.out} ({done.seconds:.0f}s)", highlight=False)
 
 
-def _device_map(device: str) -> dict:
-    """``from_pretrained`` keyword for `device`; one line and exit 2 for a device this machine lacks."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        fail(f"--device '{device}' is not a device name (cpu, cuda, cuda:1, mps)")
-    if dev.type == "cpu":
-        return {}
-    backend = getattr(torch, dev.type, None)
-    count = backend.device_count() if backend is not None and backend.is_available() else 0
-    if count == 0 or (dev.index or 0) >= count:
-        fail(
-            f"--device {device}: no such {dev.type} device on this machine ({count} found); use --device cpu"
-        )
-    return {"device_map": str(dev)}
-
-
-def _calibration(api, model: str, data: str, text_field: str, num_samples: int, seq_len: int, seed: int):
-    """Tokenised calibration data (every data error raised here, before model weights load)."""
-    return api.load_calibration(
-        data,
-        api.load_tokenizer(model),
-        text_field=text_field,
-        seq_len=seq_len,
-        num_samples=num_samples,
-        seed=seed,
+def _data(path, text_field: str, samples: int, seq_len: int):
+    return (
+        None
+        if path is None
+        else {"data": path, "text_field": text_field, "samples": samples, "seq_len": seq_len}
     )
-
-
-def _criterion_plan(api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed):
-    """Validate every input, then load the model, observe (unless --stats) and choose the plan."""
-    from .criteria import get_criterion, uniform_counts
-    from .observe import ExpertStats
-
-    get_criterion(criterion)
-    if sparsity is None:
-        fail("--criterion needs --sparsity (fraction of routed experts removed in every MoE layer)")
-    if not 0.0 <= sparsity < 1.0:
-        fail(f"--sparsity must be in [0, 1), got {sparsity}")
-    if stats is None and data is None:
-        fail("--criterion needs calibration data (--data FILE_OR_HUB_ID) or statistics (--stats DIR)")
-    api.check_model(model)
-    expert_stats = ExpertStats.load(stats) if stats is not None else None
-    if expert_stats is not None:
-        get_criterion(criterion, expert_stats)
-        api.check_stats(model, expert_stats)
-    tokens = (
-        _calibration(api, model, data, text_field, num_samples, seq_len, seed)
-        if expert_stats is None
-        else None
-    )
-    loaded = api.load(model)
-    counts = api.expert_counts(loaded)
-    if expert_stats is None:
-        expert_stats = api.observe(loaded, tokens, criteria=[criterion], seed=seed)
-    api.check_stats(loaded, expert_stats)
-    plan = api.criterion_plan(
-        expert_stats, criterion, counts=uniform_counts(expert_stats, sparsity), seed=seed
-    )
-    return plan, loaded, counts
 
 
 @app.command()
 def observe(
-    model: ModelArg,
-    data: Annotated[str, typer.Option("--data", help="Calibration data: local file or hub dataset name.")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for the expert statistics.")],
-    text_field: TextFieldOpt = "text",
-    num_samples: NumSamplesOpt = 128,
-    seq_len: SeqLenOpt = 512,
-    criteria: Annotated[
-        str, typer.Option("--criteria", help="Comma-separated criteria to support ('all' includes mop).")
-    ] = "all",
-    dense_tokens: Annotated[
-        int, typer.Option("--dense-tokens", help="Tokens on which every expert runs (only for mop).")
-    ] = 2048,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 8,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-) -> None:
+    model: Model, data: Annotated[str, opt("--data", "Calibration data: local file or hub dataset name.")],
+    out: Annotated[Path, opt("--out", "Directory for the expert statistics.")],
+    text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
+    criteria: Annotated[str, opt("--criteria", "Comma-separated criteria to support ('all' includes mop).")] = "all",
+    dense_tokens: Annotated[int, opt("--dense-tokens", "Tokens on which every expert runs (only for mop).")] = 2048,
+    batch_size: Annotated[int, opt("--batch-size", "Samples per forward pass.")] = 8,
+    seed: Seed = 0, overwrite: Overwrite = False,
+) -> None:  # fmt: skip
     """Run calibration data through MODEL once and save per-expert statistics for `prune --stats`."""
     from . import api
     from .criteria import get_criterion
@@ -170,19 +120,19 @@ def observe(
     for name in names or []:
         get_criterion(name)
     api.check_model(model)
-    tokens = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
-    loaded = api.load(model)
-    stats = api.observe(
-        loaded,
-        tokens,
-        criteria=names,
-        dense_tokens=dense_tokens,
-        batch_size=batch_size,
+    tokens = api.load_calibration(
+        data,
+        api.load_tokenizer(model),
+        text_field=text_field,
+        seq_len=seq_len,
+        num_samples=num_samples,
         seed=seed,
-        out_dir=out,
-        overwrite=overwrite,
     )
-    console.print(
+    stats = api.observe(
+        api.load(model), tokens, criteria=names, dense_tokens=dense_tokens, batch_size=batch_size, seed=seed,
+        out_dir=out, overwrite=overwrite,
+    )  # fmt: skip
+    Console().print(
         f"observed {stats.meta['num_tokens']} tokens in {len(stats.layers)} MoE layers -> {out} "
         f"(criteria: {', '.join(stats.meta['criteria_supported'])})"
     )
@@ -190,391 +140,165 @@ def observe(
 
 @app.command()
 def prune(
-    model: ModelArg,
-    out: OutOpt,
-    plan: Annotated[
-        Path | None,
-        typer.Option("--plan", help='JSON file {"removed": {"<layer index>": <list of expert ids>}}.'),
-    ] = None,
-    overwrite: OverwriteOpt = False,
-    criterion: CriterionOpt = None,
-    sparsity: SparsityOpt = None,
-    data: DataOpt = None,
-    text_field: TextFieldOpt = "text",
-    stats: StatsOpt = None,
-    num_samples: NumSamplesOpt = 128,
-    seq_len: SeqLenOpt = 512,
-    seed: SeedOpt = 0,
-) -> None:
+    model: Model, out: Out,
+    plan: Annotated[Path | None, opt("--plan", 'JSON file {"removed": {"<layer index>": [expert ids]}}.')] = None,
+    overwrite: Overwrite = False, criterion: Criterion = None, sparsity: Sparsity = None, data: Data = None,
+    text_field: TextField = "text", stats: Stats = None, num_samples: Samples = 128, seq_len: SeqLen = 512,
+    seed: Seed = 0, device: Device = "cpu",
+) -> None:  # fmt: skip
     """Remove experts from MODEL and write a smaller checkpoint to --out."""
-    from . import api
-    from .surgery import ExpertPlan
-    from .surgery.checkpoint import check_output_dir
-
-    check_output_dir(out, overwrite)
     if plan is None and criterion is None:
-        fail("say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE")
-    if plan is not None and criterion is not None:
-        fail("give either --plan or --criterion, not both")
-    if criterion is not None:
-        expert_plan, loaded, counts = _criterion_plan(
-            api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed
+        raise MoepruneError(
+            "say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE"
         )
-    else:
-        expert_plan = ExpertPlan.from_json(plan)
-        api.check_model(model, expert_plan)
-        loaded = api.load(model)
-        counts = api.expert_counts(loaded)
-    kept = api.prune(loaded, expert_plan)
-    path = api.save(
-        loaded,
-        out,
-        source=model,
-        kept=kept,
-        num_experts=counts,
-        tokenizer=api.load_tokenizer(model),
-        overwrite=overwrite,
-        plan=expert_plan.to_dict(),
-        **({"criterion": criterion, "sparsity": sparsity} if criterion is not None else {}),
+    if plan is not None and criterion is not None:
+        raise MoepruneError("give either --plan or --criterion, not both")
+    if criterion is not None and sparsity is None:
+        raise MoepruneError(
+            "--criterion needs --sparsity (share of routed experts removed in every MoE layer)"
+        )
+    if criterion is not None and stats is None and data is None:
+        raise MoepruneError(
+            "--criterion needs calibration data (--data FILE_OR_HUB_ID) or statistics (--stats DIR)"
+        )
+    fields = (
+        {"plan": str(plan)}
+        if plan is not None
+        else {"criterion": criterion, "sparsity": sparsity, "stats": stats}
     )
-    left = sum(len(v) for v in kept.values())
-    console.print(f"pruned {sum(counts.values()) - left} of {sum(counts.values())} routed experts -> {path}")
+    r = _build(
+        "plan" if plan is not None else "uniform", model, out, seed=seed, device=device,
+        data=_data(data, text_field, num_samples, seq_len), **fields,
+    )  # fmt: skip
+    _execute(r, overwrite=overwrite)
 
 
 @app.command()
 def search(
-    model: ModelArg,
-    criterion: Annotated[
-        str, typer.Option("--criterion", help="Within-layer criterion (frequency, reap, ...).")
-    ],
-    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of all routed experts removed.")],
-    data: Annotated[
-        str, typer.Option("--data", help="Calibration data (file or hub dataset) for the criterion.")
-    ],
-    search_data: Annotated[
-        str,
-        typer.Option("--search-data", help="Search data (file or hub dataset) the fitness is measured on."),
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", help="Run directory: pruned checkpoint, plan, history, plots.")
-    ],
-    fitness: Annotated[
-        str, typer.Option("--fitness", help="esap, kl_teacher_draft, kl_draft_teacher, nll.")
-    ] = "esap",
-    population: Annotated[int, typer.Option("--population", help="Plans per generation.")] = 32,
-    generations: Annotated[
-        int, typer.Option("--generations", help="Generations of the evolutionary search.")
-    ] = 50,
-    seed: SeedOpt = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --out.")] = False,
-    overwrite: OverwriteOpt = False,
-    cache: CacheOpt = "sparse",
-    top_k: TopKOpt = 64,
-    text_field: TextFieldOpt = "text",
-    num_samples: NumSamplesOpt = 128,
-    seq_len: SeqLenOpt = 512,
-    search_samples: SearchSamplesOpt = 16,
-    search_seq_len: SearchSeqLenOpt = 256,
-    device: DeviceOpt = "cpu",
-    candidate_batch: CandidateBatchOpt = 1,
-) -> None:
+    model: Model, criterion: Annotated[str, opt("--criterion", "Within-layer criterion (frequency, reap, ...).")],
+    sparsity: Annotated[float, opt("--sparsity", "Share of all routed experts removed.")],
+    search_data: SearchData, out: Out, data: Data = None, stats: Stats = None, fitness: Fitness = "esap",
+    population: Annotated[int, opt("--population", "Plans per generation.")] = 32,
+    generations: Annotated[int, opt("--generations", "Generations of the evolutionary search.")] = 50,
+    seed: Seed = 0, resume: Resume = False, overwrite: Overwrite = False, cache: Cache = "sparse",
+    top_k: TopK = 64, text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
+    search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256, device: Device = "cpu",
+    candidate_batch: Stack = 1,
+) -> None:  # fmt: skip
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
-    from . import api
-    from .allocate.run import check_run_dir
-    from .criteria import get_criterion, removal_order
-    from .fitness import FITNESS
-
-    check_run_dir(out, resume, overwrite)
-    get_criterion(criterion)
-    FITNESS.get(fitness)
-    if not 0.0 <= sparsity < 1.0:
-        fail(f"--sparsity must be in [0, 1), got {sparsity}")
-    _check_cache(cache, top_k)
-    _check_candidate_batch(candidate_batch)
-    placement = _device_map(device)
-    api.check_model(model)
-    calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
-    tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
-    loaded = api.load(model, **placement)
-    stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
-    order = removal_order(stats, criterion, seed)
-    outcome = api.search(
-        loaded,
-        order,
-        tokens,
-        out,
-        sparsity=sparsity,
-        source=model,
-        tokenizer=api.load_tokenizer(model),
-        fitness=fitness,
-        cache=cache,
-        top_k=top_k,
-        population=population,
-        generations=generations,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
+    r = _build(
+        "evoesap", model, out, criterion=criterion, sparsity=sparsity,
+        data=_data(data, text_field, num_samples, seq_len), stats=stats,
+        search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
+        population=population, generations=generations, seed=seed, cache=cache, top_k=top_k, device=device,
         candidate_batch=candidate_batch,
-        criterion=criterion,
-    )
-    b, u = outcome.best_fitness, outcome.uniform_fitness
-    console.print(
-        f"EvoESAP ({criterion}, {fitness}): best {b['value']:.5f} vs uniform {u['value']:.5f}; "
-        f"{outcome.result.evaluations} candidates in {outcome.result.seconds:.1f}s "
-        f"(hidden-state reuse hit rate {outcome.reuse['hit_rate']:.0%}) -> {out} "
-        f"(plan.json, search_history.json, allocation.png, fitness.png)",
-        highlight=False,
-    )
+    )  # fmt: skip
+    _execute(r, overwrite=overwrite, resume=resume)
 
 
 @app.command("eep-prune")
 def eep_prune(
-    model: ModelArg,
-    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of each layer's experts removed.")],
-    search_data: Annotated[
-        str,
-        typer.Option("--search-data", help="Search data (file or hub dataset) the fitness is measured on."),
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Output directory of the pruned checkpoint.")],
-    criterion: Annotated[
-        str | None,
-        typer.Option("--criterion", help="Seed the population with this criterion's plan (needs --data)."),
-    ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Calibration data for --criterion.")] = None,
-    fitness: Annotated[
-        str, typer.Option("--fitness", help="esap, kl_teacher_draft, kl_draft_teacher, nll.")
-    ] = "esap",
-    population: Annotated[int, typer.Option("--population", help="Selections per iteration.")] = 16,
-    iterations: Annotated[int, typer.Option("--iterations", help="Iterations of the search.")] = 100,
-    merge_iterations: Annotated[
-        int,
-        typer.Option(
-            "--merge-iterations", help="Then merge every expert into the kept ones (0: prune only)."
-        ),
-    ] = 0,
-    merge_population: Annotated[
-        int, typer.Option("--merge-population", help="Merge candidates per iteration.")
-    ] = 8,
-    active: Annotated[
-        int | None,
-        typer.Option(
-            "--active-experts", help="Route every token to this many experts (below the model's top-k)."
-        ),
-    ] = None,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-    text_field: TextFieldOpt = "text",
-    num_samples: NumSamplesOpt = 128,
-    seq_len: SeqLenOpt = 512,
-    search_samples: SearchSamplesOpt = 16,
-    search_seq_len: SearchSeqLenOpt = 256,
-    cache: CacheOpt = "sparse",
-    top_k: TopKOpt = 64,
-    device: DeviceOpt = "cpu",
-    candidate_batch: CandidateBatchOpt = 1,
-) -> None:
+    model: Model, sparsity: Annotated[float, opt("--sparsity", "Share of each layer's experts removed.")],
+    search_data: SearchData, out: Out,
+    criterion: Annotated[str | None, opt("--criterion", "Seed the population with this criterion's plan.")] = None,
+    data: Data = None, stats: Stats = None, fitness: Fitness = "esap",
+    population: Annotated[int, opt("--population", "Selections per iteration.")] = 16,
+    iterations: Annotated[int, opt("--iterations", "Iterations of the search.")] = 100,
+    merge_iterations: Annotated[int, opt("--merge-iterations", "Then merge the others into the kept experts.")] = 0,
+    merge_population: Annotated[int, opt("--merge-population", "Merge candidates per iteration.")] = 8,
+    active: Annotated[int | None, opt("--active-experts", "Route every token to this many experts.")] = None,
+    seed: Seed = 0, overwrite: Overwrite = False, text_field: TextField = "text", num_samples: Samples = 128,
+    seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
+    cache: Cache = "sparse", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
+) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
     them (--merge-iterations), and save the smaller checkpoint to --out."""
-
-    from . import api
-    from .criteria import get_criterion
-    from .fitness import FITNESS
-    from .surgery.checkpoint import check_output_dir
-
-    check_output_dir(out, overwrite)
-    FITNESS.get(fitness)
-    if not 0.0 <= sparsity < 1.0:
-        fail(f"--sparsity must be in [0, 1), got {sparsity}")
-    if (criterion is None) != (data is None):
-        fail("--criterion and --data go together (the criterion's plan seeds the search)")
-    from .merge import EEPConfig
-    from .merge.merge_search import MergeConfig
-
-    EEPConfig(population=population, iterations=iterations)  # bad settings fail here, before any work
-    if merge_iterations > 0:
-        MergeConfig(population=merge_population, iterations=merge_iterations)
-    if criterion is not None:
-        get_criterion(criterion)
-    _check_cache(cache, top_k)
-    _check_candidate_batch(candidate_batch)
-    placement = _device_map(device)
-    api.check_model(model)
-    tokens = _calibration(api, model, search_data, text_field, search_samples, search_seq_len, seed)
-    calib = _calibration(api, model, data, text_field, num_samples, seq_len, seed) if data else None
-    loaded = api.load(model, **placement)
-    seeds = ()
-    if active is not None:
-        from .merge.active import reduced_active_experts
-
-        with reduced_active_experts(loaded, active):  # a bad count fails here, before any search
-            pass
-    if criterion is not None:
-        stats = api.observe(loaded, calib, criteria=[criterion], seed=seed)
-        seeds = (api.criterion_plan(stats, criterion, sparsity=sparsity, seed=seed),)
-    extra = {"criterion": f"{criterion} (seed of the search)"} if criterion is not None else {}
-    done = api.eep(
-        loaded, tokens, out, sparsity=sparsity, source=model, tokenizer=api.load_tokenizer(model), seeds=seeds,
-        fitness=fitness, cache=cache, top_k=top_k, population=population, iterations=iterations,
-        merge_population=merge_population, merge_iterations=merge_iterations, active_experts=active, seed=seed,
-        candidate_batch=candidate_batch, overwrite=overwrite, **extra,
+    r = _build(
+        "eep", model, out, sparsity=sparsity, criterion=criterion,
+        data=_data(data, text_field, num_samples, seq_len), stats=stats,
+        search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
+        population=population, iterations=iterations, merge_iterations=merge_iterations,
+        merge_population=merge_population, active_experts=active, seed=seed, cache=cache, top_k=top_k,
+        device=device, candidate_batch=candidate_batch,
     )  # fmt: skip
-    result, merged = done["prune"], done["merge"]
-    summary = f"EEP prune ({fitness}): best {result.best_score:.5f} after {result.evaluations} candidates"
-    if merged is not None:
-        summary += (
-            f"; merge: {merged.start_score:.5f} (pruned) -> {merged.best_score:.5f} after "
-            f"{merged.evaluations} candidates (merging.json)"
-        )
-    console.print(f"{summary} -> {out} (checkpoint, moeprune.json, eep_history.json)", highlight=False)
-
-
-def _print_results(results: dict[str, dict], title: str) -> None:
-    """`api.evaluate` results per checkpoint as one table on stdout (rows: metrics; columns: checkpoints)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from .evaluate import lm_eval_cells, suite_cells
-
-    cells = {
-        name: suite_cells(r.get("suite", {})) | lm_eval_cells(r.get("lm_eval", {}))
-        for name, r in results.items()
-    }
-    table = Table(title=title)
-    table.add_column("metric")
-    for name in cells:
-        table.add_column(escape(name), justify="right")
-    for metric in dict.fromkeys(m for col in cells.values() for m in col):
-        table.add_row(escape(metric), *(col.get(metric, "") for col in cells.values()))
-    Console().print(table)  # the command's output: stdout (progress and errors go to stderr)
+    _execute(r, overwrite=overwrite)
 
 
 @app.command()
 def evaluate(
-    models: Annotated[
-        list[str],
-        typer.Argument(help="Checkpoints (hub ids or directories, pruned or not), one column each."),
-    ],
-    suite: Annotated[
-        str,
-        typer.Option("--suite", help="Suite directory, 'testbed' (bundled) or 'none'."),
-    ] = "testbed",
-    lm_eval: Annotated[
-        str | None,
-        typer.Option(
-            "--lm-eval",
-            help="lm-eval tasks, comma-separated (moeprune_mc / moeprune_generation: the suite's own sets).",
-        ),
-    ] = None,
-    lm_eval_include: Annotated[
-        Path | None, typer.Option("--lm-eval-include", help="A folder of extra lm-eval task YAMLs.")
-    ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="lm-eval documents per task.")] = None,
-    max_items: Annotated[
-        int | None, typer.Option("--max-items", help="Suite generation / multiple-choice items.")
-    ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write every result as JSON here.")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype", help="float32, bfloat16, float16 or auto (default: float32 on a CPU, else auto)."
-        ),
-    ] = None,
-) -> None:
+    models: Annotated[list[str], typer.Argument(help="Checkpoints (hub ids or directories), one column each.")],
+    suite: Annotated[str, opt("--suite", "Suite directory, 'testbed' (bundled) or 'none'.")] = "testbed",
+    lm_eval: Annotated[str | None, opt("--lm-eval", "lm-eval tasks, comma-separated (moeprune_mc, ...).")] = None,
+    lm_eval_include: Annotated[Path | None, opt("--lm-eval-include", "A folder of extra lm-eval task YAMLs.")] = None,
+    limit: Annotated[int | None, opt("--limit", "lm-eval documents per task.")] = None,
+    max_items: Annotated[int | None, opt("--max-items", "Suite generation / multiple-choice items.")] = None,
+    out: Annotated[Path | None, opt("--out", "Write every result as JSON here.")] = None,
+    device: Device = "cpu",
+    dtype: Annotated[str | None, opt("--dtype", "float32, bfloat16, float16 or auto (default: float32 on a CPU).")] = None,
+) -> None:  # fmt: skip
     """Evaluate checkpoints side by side: the testbed-style suite and/or lm-eval tasks, in process."""
     from . import api
-    from .evaluate import write_json
+    from .recipe import placement
+    from .report import evaluation_cells, table, write_json
 
     tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
     suite_dir = None if suite == "none" else suite
     if suite_dir is None and not tasks:
-        fail("nothing to evaluate: give a --suite or --lm-eval TASKS")
+        raise MoepruneError("nothing to evaluate: give a --suite or --lm-eval TASKS")
     if suite_dir not in (None, "testbed") and not Path(suite_dir).is_dir():
-        fail(f"--suite {suite_dir}: no such directory (a folder with test.jsonl, generation.jsonl, ...)")
+        raise MoepruneError(
+            f"--suite {suite_dir}: no such directory (a folder with test.jsonl, generation.jsonl, ...)"
+        )
     if lm_eval_include is not None and not lm_eval_include.is_dir():
-        fail(f"--lm-eval-include {lm_eval_include}: no such directory")
-    placement = _device_map(device)
-    dtype = dtype or ("float32" if device == "cpu" else "auto")
-    if dtype not in ("float32", "bfloat16", "float16", "auto"):
-        fail(f"--dtype must be float32, bfloat16, float16 or auto, got '{dtype}'")
-    results: dict[str, dict] = {}
+        raise MoepruneError(f"--lm-eval-include {lm_eval_include}: no such directory")
+    where = placement(device, dtype or ("float32" if device == "cpu" else "auto"))
+    results = {}
     for name in models:
-        model = api.load(name, dtype=dtype, **placement)
         results[name] = api.evaluate(
-            model, api.load_tokenizer(name), suite=suite_dir, lm_eval=tasks, limit=limit,
+            api.load(name, **where), api.load_tokenizer(name), suite=suite_dir, lm_eval=tasks, limit=limit,
             max_items=max_items, lm_eval_include=lm_eval_include,
         )  # fmt: skip
-        del model
-    _print_results(results, "moeprune evaluate")
+    Console().print(table({n: evaluation_cells(r) for n, r in results.items()}, "moeprune evaluate"))
     if out is not None:
         console.print(f"results -> {write_json(results, out)}", highlight=False)
 
 
 @app.command()
 def run(
-    recipe: Annotated[
-        Path, typer.Argument(help="Recipe YAML (model, out, sparsity, criterion, allocation, ...).")
-    ],
-    overwrite: OverwriteOpt = False,
-) -> None:
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (model, out, allocation, sparsity, ...).")],
+    overwrite: Overwrite = False, resume: Resume = False,
+) -> None:  # fmt: skip
     """Carry out a pruning recipe: prune, save the checkpoint with recipe.yaml, evaluate it if asked."""
-    from . import api
     from .recipe import Recipe
 
-    r = Recipe.from_yaml(recipe)
-    _device_map(r.device)
-    done = api.run(r, overwrite=overwrite)
-    console.print(f"{r.allocation} pruning at {r.sparsity:.0%} -> {done['out']} (checkpoint, recipe.yaml)")
-    if done["evaluation"] is not None:
-        _print_results({str(done["out"]): done["evaluation"]}, f"{r.allocation} at {r.sparsity:.0%}")
-        console.print(f"evaluation -> {done['out'] / 'evaluation.json'}")
+    _execute(Recipe.from_yaml(recipe), overwrite=overwrite, resume=resume)
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Run directory of the demo.")] = Path("moeprune-demo"),
-    criterion: Annotated[str, typer.Option("--criterion", help="Within-layer criterion.")] = "frequency",
-    sparsity: Annotated[
-        float, typer.Option("--sparsity", help="Fraction of all routed experts removed.")
-    ] = 0.5,
-    population: Annotated[int, typer.Option("--population", help="Plans per generation.")] = 12,
-    generations: Annotated[int, typer.Option("--generations", help="Generations of the search.")] = 6,
-    seed: SeedOpt = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = True,
-    model_dir: Annotated[
-        Path | None, typer.Option("--model-dir", help="Another testbed-like model (default: bundled).")
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Its data (calibration/search/test splits, suite).")
-    ] = None,
-) -> None:
+    out: Annotated[Path, opt("--out", "Run directory of the demo.")] = Path("moeprune-demo"),
+    criterion: Annotated[str, opt("--criterion", "Within-layer criterion.")] = "frequency",
+    sparsity: Annotated[float, opt("--sparsity", "Share of all routed experts removed.")] = 0.5,
+    population: Annotated[int, opt("--population", "Plans per generation.")] = 12,
+    generations: Annotated[int, opt("--generations", "Generations of the search.")] = 6,
+    seed: Seed = 0, overwrite: Annotated[bool, opt("--overwrite", "Replace --out if it exists.")] = True,
+    model_dir: Annotated[Path | None, opt("--model-dir", "Another testbed-like model (default: bundled).")] = None,
+    data_dir: Annotated[Path | None, opt("--data-dir", "Its data (calibration/search/test splits, suite).")] = None,
+) -> None:  # fmt: skip
     """On the bundled testbed: observe -> EvoESAP search -> prune -> evaluate against uniform."""
-    from .criteria import get_criterion
-    from .demo import run_demo
+    from .demo import demo_recipe
 
-    get_criterion(criterion)
-    if not 0.0 <= sparsity < 1.0:
-        fail(f"--sparsity must be in [0, 1), got {sparsity}")
-    summary = run_demo(
-        out,
-        model_dir=model_dir,
-        data_dir=data_dir,
-        criterion=criterion,
-        sparsity=sparsity,
-        population=population,
-        generations=generations,
-        seed=seed,
-        overwrite=overwrite,
-        console=console,
+    r = demo_recipe(
+        out, model_dir=model_dir, data_dir=data_dir, criterion=criterion, sparsity=sparsity,
+        population=population, generations=generations, seed=seed,
+    )  # fmt: skip
+    console.print(
+        f"demo: {r.criterion} ranking, EvoESAP search (population {population}, {generations} generations)"
     )
-    Console().print(summary["table"])
-    s = summary["search"]
+    _execute(r, overwrite=overwrite)
     Console().print(
-        f"search: {s['evaluations']} candidates in {s['seconds']}s (hidden-state reuse hit rate "
-        f"{s['reuse']['hit_rate']:.0%}); removed per layer uniform {summary['counts_removed']['uniform']} "
-        f"vs EvoESAP {summary['counts_removed']['EvoESAP']}\n"
-        f"checkpoint: {out}/ (load with moeprune.load); plots: {out}/allocation.png, {out}/fitness.png; "
-        f"results: {out}/demo_results.json; total {summary['seconds']['total']}s",
+        f"load with moeprune.load('{out}'); plots: {out}/allocation.png, {out}/fitness.png; "
+        f"results: {out}/evaluation.json",
         highlight=False,
     )
 
@@ -582,32 +306,40 @@ def demo(
 @app.command("criteria")
 def list_criteria() -> None:
     """List the within-layer criteria (for --criterion)."""
-    from rich.table import Table
-
     from .criteria import CRITERIA
+    from .report import table
 
-    table = Table("criterion", "ranks experts by", "needs")
-    for name in CRITERIA.names():
-        crit = CRITERIA.get(name)
-        table.add_row(name, crit.summary, "dense token subsample" if crit.needs_dense else "")
-    Console().print(table)
+    rows = {n: CRITERIA.get(n) for n in CRITERIA.names()}
+    cols = {
+        "ranks experts by": {n: c.summary for n, c in rows.items()},
+        "needs": {n: "dense token subsample" if c.needs_dense else "" for n, c in rows.items()},
+    }
+    Console().print(table(cols))
 
 
 @app.command()
 def families() -> None:
     """List the supported MoE families and how each routes tokens."""
-    from rich.table import Table
-
     from .arch import FAMILIES
+    from .report import table
 
-    table = Table("model_type", "MoE block", "routing")
-    for name, fam in sorted(FAMILIES.items()):
-        table.add_row(name, f"{fam.block_attr}: {fam.block_classes[0]}", fam.routing)
-    Console().print(table)
+    fams = dict(sorted(FAMILIES.items()))
+    cols = {
+        "MoE block": {n: f"{f.block_attr}: {f.block_classes[0]}" for n, f in fams.items()},
+        "routing": {n: f.routing for n, f in fams.items()},
+    }
+    Console().print(table(cols))
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: user and usage errors become one line on stderr and exit code 2."""
+    import click
+
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # typer releases that use click itself
+        vendored = click.exceptions
+    usage = (click.exceptions.ClickException, vendored.ClickException)
     try:
         code = app(standalone_mode=False)
     except MoepruneError as e:
@@ -615,16 +347,20 @@ def main() -> None:
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
+    except (typer.Abort, KeyboardInterrupt, click.exceptions.Abort, vendored.Abort):
+        console.print("aborted (Ctrl-C); nothing was written", highlight=False)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    except usage as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            console.print(e.format_message(), highlight=False)
+        else:
+            command = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None else ""
+            console.print(
+                f"[bold red]error:[/] {e.format_message()} (see moeprune{command} --help)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -1,127 +1,247 @@
-"""A pruning run as data: a YAML recipe <-> `Recipe` (pydantic; unknown keys are errors), run by `api.run`.
+"""A pruning run as data: the pydantic specs every entry point builds (CLI flags, a YAML recipe, the
+demo, Python), holding every check once. `api.run` carries a `Recipe` out.
 
     model: Qwen/Qwen3-30B-A3B        # hub id or checkpoint directory
     out: pruned/                     # checkpoint, recipe.yaml, run files, evaluation.json
-    sparsity: 0.5                    # share of all routed experts removed
+    allocation: evoesap              # uniform (default) | evoesap | eep | plan
+    sparsity: 0.5                    # share of the routed experts removed (uniform: in every layer)
     criterion: frequency             # within-layer ranking: observe -> criterion
-    calibration: {data: calib.jsonl, samples: 128, seq_len: 512}
-    allocation: evoesap              # uniform (default) | evoesap | eep
-    search: {data: search.jsonl, samples: 16, seq_len: 256, population: 32, generations: 50}
-    eep: {iterations: 100, merge_iterations: 0, active_experts: null}
+    calibration: {data: calib.jsonl, samples: 128, seq_len: 512}    # or stats: STATS_DIR
+    search: {data: {data: search.jsonl, samples: 16, seq_len: 256}, population: 32, generations: 50}
     evaluate: {suite: testbed, lm_eval: [moeprune_mc], limit: 100}
     seed: 0
     device: cpu
 
-``uniform`` removes the same share in every MoE layer by the criterion; ``evoesap`` searches the
-per-layer counts (the criterion fixes the order within a layer); ``eep`` searches which experts
-each layer keeps (seeded with the criterion's plan when one is given) and can merge and lower the
-active experts. ``evaluate`` runs on the saved checkpoint, reloaded.
+Allocations (registry `pipelines.PIPELINES`): ``uniform`` removes the same share in every MoE layer
+by the criterion; ``evoesap`` searches the per-layer counts (the criterion fixes the order within a
+layer); ``eep`` searches which experts each layer keeps (seeded with the criterion's plan when one is
+given) and can merge and lower the active experts (``eep:`` section); ``plan`` removes the experts
+a plan file names. Names (allocation, criterion, fitness, teacher cache) are checked against their
+registries with "did you mean"; every error is one `MoepruneError` line naming the key.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import MoepruneError
+from .errors import MoepruneError, did_you_mean
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _registered(kind: str, name: str) -> str:
+    """`name` if the `kind` registry holds it; a ValueError with "did you mean" otherwise."""
+    if kind == "criterion":
+        from .criteria import CRITERIA as registry
+    elif kind == "fitness":
+        from .fitness import FITNESS as registry
+    elif kind == "allocation":
+        from .pipelines import PIPELINES as registry
+    else:  # teacher cache kinds
+        from .fitness.teacher import CACHE_KINDS
+
+        if name not in CACHE_KINDS:
+            raise ValueError(f"unknown teacher cache '{name}'{did_you_mean(name, CACHE_KINDS)}")
+        return name
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'{did_you_mean(name, registry.names())}")
+    return name
+
+
 class DataSpec(_Strict):
-    data: str  # local file or hub dataset
+    """Token windows drawn from a local file or hub dataset (see `moeprune.data`)."""
+
+    data: str
     text_field: str = "text"
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=2)
+    per_domain: bool = False  # `samples` windows from every domain (needs a domain field)
+    seed: int | None = Field(None, ge=0)  # of the draw; default: the run's seed
 
 
 class SearchSpec(_Strict):
-    """EvoESAP search (and the data EEP scores its candidates on)."""
+    """The search data and the evolutionary search (EvoESAP; EEP scores on the same data)."""
 
     data: DataSpec
     fitness: str = "esap"
-    cache: Literal["sparse", "dense"] = "sparse"
+    cache: str = "sparse"  # teacher cache: sparse (top-K + tail) | dense
     top_k: int = Field(64, ge=1)
     population: int = Field(32, ge=1)
     generations: int = Field(50, ge=1)
     candidate_batch: int = Field(1, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+    min_remove: dict[int, int] | None = None  # per decoder layer index
+    max_remove: dict[int, int] | None = None
+
+    @field_validator("fitness")
+    @classmethod
+    def _fitness(cls, v: str) -> str:
+        return _registered("fitness", v)
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, v: str) -> str:
+        return _registered("cache", v)
 
 
 class EEPSpec(_Strict):
-    population: int = Field(16, ge=2)
+    """EEP: selection search (elites 4), optional merge search (elites 2), fewer active experts."""
+
+    population: int = Field(16, ge=4)
     iterations: int = Field(100, ge=1)
-    merge_population: int = Field(16, ge=2)
+    merge_population: int = Field(8, ge=3)
     merge_iterations: int = Field(0, ge=0)
     active_experts: int | None = Field(None, ge=1)
 
 
 class EvaluateSpec(_Strict):
+    """Evaluation of the pruned model (in memory, equal to the saved checkpoint), with `baselines`
+    the unpruned model and the uniform plan beside it (by exact masking), `heldout` ESAP too."""
+
     suite: str | None = "testbed"  # a suite directory, "testbed" or null
     lm_eval: list[str] = []
     limit: int | None = Field(None, ge=1)
     max_items: int | None = Field(None, ge=1)
+    max_tokens_per_domain: int | None = Field(20_000, ge=1)  # perplexity tokens per domain
+    baselines: bool = False
+    heldout: DataSpec | None = None  # held-out ESAP of every column (dense teacher)
 
 
 class Recipe(_Strict):
     model: str
     out: str
-    sparsity: float = Field(ge=0.0, lt=1.0)
+    allocation: str = "uniform"
+    sparsity: float | None = None  # in [0, 1)
     criterion: str | None = None
     calibration: DataSpec | None = None
-    allocation: Literal["uniform", "evoesap", "eep"] = "uniform"
+    stats: str | None = None  # saved expert statistics (`moeprune observe`) instead of calibration
+    plan: str | None = None  # plan JSON, for allocation: plan
     search: SearchSpec | None = None
     eep: EEPSpec | None = None
     evaluate: EvaluateSpec | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "cpu"
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's)
+
+    @field_validator("allocation")
+    @classmethod
+    def _allocation(cls, v: str) -> str:
+        return _registered("allocation", v)
+
+    @field_validator("criterion")
+    @classmethod
+    def _criterion(cls, v: str | None) -> str | None:
+        return v if v is None else _registered("criterion", v)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{v}'")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.allocation in ("uniform", "evoesap") and self.criterion is None:
-            raise ValueError(f"allocation '{self.allocation}' needs a criterion (the within-layer ranking)")
-        if self.criterion is not None and self.calibration is None:
-            raise ValueError("a criterion needs calibration data (calibration: {data: FILE})")
-        if self.calibration is not None and self.criterion is None:
+        a = self.allocation
+        ranking = self.calibration is not None or self.stats is not None
+        if a == "plan":
+            if self.plan is None:
+                raise ValueError("allocation 'plan' needs a plan file (plan: PLAN.json)")
+            if self.criterion is not None or ranking:
+                raise ValueError(
+                    "allocation 'plan' takes its experts from the plan: drop criterion/calibration"
+                )
+        elif self.plan is not None:
+            raise ValueError("a plan file needs allocation: plan")
+        elif self.sparsity is None:
+            raise ValueError(f"allocation '{a}' needs a sparsity (share of routed experts removed)")
+        if a in ("uniform", "evoesap") and self.criterion is None:
+            raise ValueError(f"allocation '{a}' needs a criterion (the within-layer ranking)")
+        if self.criterion is not None and not ranking:
+            raise ValueError("a criterion needs calibration data (calibration: {data: FILE}) or stats: DIR")
+        if self.calibration is not None and self.stats is not None:
+            raise ValueError("give calibration data or saved stats, not both")
+        if ranking and self.criterion is None:
             raise ValueError("calibration data is only used by a criterion: add one, or drop calibration")
-        if self.allocation in ("evoesap", "eep") and self.search is None:
-            raise ValueError(
-                f"allocation '{self.allocation}' needs search data (search: {{data: {{data: FILE}}}})"
-            )
-        if self.eep is not None and self.allocation != "eep":
+        if a in ("evoesap", "eep") and self.search is None:
+            raise ValueError(f"allocation '{a}' needs search data (search: {{data: {{data: FILE}}}})")
+        if self.eep is not None and a != "eep":
             raise ValueError("an eep section needs allocation: eep")
-        if self.evaluate is not None and self.evaluate.suite is None and not self.evaluate.lm_eval:
-            raise ValueError("evaluate needs a suite or lm_eval tasks")
+        ev = self.evaluate
+        if ev is not None and ev.suite is None and not ev.lm_eval and ev.heldout is None:
+            raise ValueError("evaluate needs a suite, lm_eval tasks or heldout data")
         return self
 
     @classmethod
+    def build(cls, data: dict[str, Any], where: str = "", names: dict[str, str] | None = None) -> Recipe:
+        """Validate `data`; any problem is one `MoepruneError` line naming the key (prefixed by `where`,
+        renamed by `names`, e.g. to the CLI flag that set it)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise MoepruneError(one_line(e, where, names)) from None
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        """Read and check a recipe; any problem is one `MoepruneError` line naming the key."""
+        """Read and check a recipe file."""
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise MoepruneError(f"cannot read recipe {path}: {e.strerror}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoepruneError(f"cannot read recipe {path}: {getattr(e, 'strerror', None) or e}") from None
         except yaml.YAMLError as e:
             raise MoepruneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise MoepruneError(f"{path} must hold a mapping of recipe keys (model, out, sparsity, ...)")
-        try:
-            recipe = cls.model_validate(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "recipe"
-            msg = err["msg"].removeprefix("Value error, ")
-            raise MoepruneError(f"{path}: {where}: {msg}") from None
-        if recipe.criterion is not None:
-            from .criteria import get_criterion
-
-            get_criterion(recipe.criterion)  # unknown names fail here, with "did you mean"
-        return recipe
+        return cls.build(raw, f"{path}: ")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+
+def one_line(error: ValidationError, where: str = "", names: dict[str, str] | None = None) -> str:
+    """The first validation error as ``WHERE KEY: message``; `names` renames keys (e.g. to CLI flags)."""
+    err = error.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "recipe"
+    key = (names or {}).get(key, key)
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}{key}: {msg}"
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def placement(device: str = "cpu", dtype: str = "auto") -> dict:
+    """``from_pretrained`` keywords for `device` and `dtype`; one `MoepruneError` line for a device this
+    machine lacks (the one device/dtype resolver of every entry point)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise MoepruneError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MoepruneError(f"device '{device}' is not a device name (cpu, cuda, cuda:1, mps)") from None
+    kwargs: dict = {"dtype": dtype}
+    if dev.type == "cpu":
+        return kwargs
+    backend = getattr(torch, dev.type, None)
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0 or (dev.index or 0) >= count:
+        raise MoepruneError(
+            f"device {device}: no such {dev.type} device on this machine ({count} found); use cpu"
+        )
+    return kwargs | {"device_map": str(dev)}

@@ -11,6 +11,7 @@ reap (scores.py), naee (naee.py), mop (mop.py). Add one with `register(Criterion
 
 from . import mop, naee, scores  # noqa: F401  (registration)
 from .base import CRITERIA, Criterion, order_by_score, register, score_criterion
+from .observe_for import observe_for
 from .rank import (
     choose_removed,
     get_criterion,
@@ -27,6 +28,7 @@ __all__ = [
     "choose_removed",
     "get_criterion",
     "max_removable",
+    "observe_for",
     "order_by_score",
     "rank",
     "register",

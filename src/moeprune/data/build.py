@@ -71,6 +71,8 @@ def load_data(
     config: str | None = None,
 ) -> TokenSet:
     """Read `source` (see `read_rows`) and build a `TokenSet` (see `tokenize_rows`)."""
+    if tokenizer is None:
+        raise DataError("the model has no tokenizer, so text data cannot be tokenised")
     rows = read_rows(source, text_field=text_field, domain_field=domain_field, split=split, config=config)
     return tokenize_rows(
         rows, tokenizer, seq_len=seq_len, num_samples=num_samples, per_domain=per_domain, pack=pack, seed=seed

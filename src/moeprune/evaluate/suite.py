@@ -63,3 +63,42 @@ def evaluate_suite(
         if "unigram_ppl" in meta:
             res["baseline"] = {"unigram_ppl": meta["unigram_ppl"]}
     return res
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    suite: str | Path | None = "testbed",
+    lm_eval: tuple[str, ...] | list[str] = (),
+    limit: int | float | None = None,
+    max_items: int | None = None,
+    max_tokens_per_domain: int | None = 20_000,
+    lm_eval_include: str | Path | None = None,
+) -> dict:
+    """Evaluate a loaded model: ``{"suite": evaluate_suite(...), "lm_eval": {task: {metric: value}}}``.
+
+    `suite`: a suite directory, "testbed" (the bundled one) or None. `lm_eval`: lm-eval task names,
+    run in process on this model; ``moeprune_mc`` / ``moeprune_generation`` are the suite's own sets
+    (the testbed's when `suite` is None). `limit` caps lm-eval documents per task, `max_items` the
+    suite's generation / multiple-choice items."""
+    import tempfile
+
+    from ..errors import MoepruneError
+    from .lm_eval_bridge import lm_eval_tasks, suite_task_dir
+
+    suite_dir = default_suite_dir() if suite == "testbed" else (Path(suite) if suite is not None else None)
+    if suite_dir is not None and not suite_dir.is_dir():
+        raise MoepruneError(f"suite directory {suite_dir} does not exist (a folder with test.jsonl, ...)")
+    out: dict = {}
+    if suite_dir is not None:
+        out["suite"] = evaluate_suite(
+            model, tokenizer, suite_dir, max_tokens_per_domain=max_tokens_per_domain, max_items=max_items
+        )
+    if lm_eval:
+        with tempfile.TemporaryDirectory() as tmp:
+            include = [suite_task_dir(suite_dir or default_suite_dir(), tmp)]  # SUITE_TASKS
+            if lm_eval_include is not None:
+                include.append(lm_eval_include)
+            out["lm_eval"] = lm_eval_tasks(model, tokenizer, list(lm_eval), limit=limit, include_path=include)
+    return out

@@ -1,10 +1,10 @@
 """Fitness of a pruned candidate against the unpruned teacher: ESAP, KL, NLL, measured acceptance.
 
-The teacher is run once on the search set (dense or top-K sparse cache); candidates are evaluated by
+The teacher is run once on the search set (`run_teacher`, shared by every evaluator of that set) (dense or top-K sparse cache); candidates are evaluated by
 masking, restarting from cached hidden states where their masks agree with an earlier candidate.
 """
 
-from .evaluator import CandidateEvaluator, FitnessResult, HiddenCache, ReuseStats
+from .evaluator import CandidateEvaluator, FitnessResult, HiddenCache, ReuseStats, TeacherRun, run_teacher
 from .metrics import FITNESS, Fitness
 from .replay import LayerReplay
 from .searchset import SearchBatch, SearchSet
@@ -23,7 +23,9 @@ __all__ = [
     "SearchBatch",
     "SearchSet",
     "TeacherCache",
+    "TeacherRun",
     "TeacherSlice",
+    "run_teacher",
     "speculative_acceptance",
     "teacher_slice",
 ]

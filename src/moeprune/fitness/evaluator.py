@@ -31,7 +31,7 @@ from ..surgery import ExpertPlan, mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
 from .searchset import SearchSet
-from .teacher import CacheKind, TeacherCache, teacher_slice
+from .teacher import CACHE_KINDS, CacheKind, TeacherCache, teacher_slice
 
 PrefixKey = tuple[int, tuple[tuple[int, ...], ...]]
 
@@ -153,16 +153,115 @@ class HiddenCache:
         return key in self._items
 
 
-class CandidateEvaluator:
-    """Teacher cache + fitness of any `ExpertPlan` on one search set.
+@dataclass
+class TeacherRun:
+    """The teacher (unpruned model) run once on a search set: what every evaluator of that set shares.
 
-    The teacher (unpruned model) is run once, here; candidates are evaluated under `mask_experts`.
+    `records` hold, per search batch, the first layer's input and the per-layer call arguments that
+    layer replay needs; `cache` the teacher's distributions on the scored tokens (dense or top-K).
+    Build it with `run_teacher`; pass it to any number of `CandidateEvaluator`s (e.g. EEP's prune and
+    merge phases) so the teacher pass runs once."""
+
+    search: SearchSet  # on the model's device
+    cache: TeacherCache
+    records: list[BatchRecord]
+    positions: list[torch.Tensor]  # (n_b,) flat indices of the scored tokens
+    labels: list[torch.Tensor]  # (n_b,) their next tokens
+    replay: LayerReplay | None
+    replay_fallback: str | None  # why layer replay is off for this model, if it is
+    seconds: float
+
+    @property
+    def kind(self) -> CacheKind:
+        return self.cache.kind
+
+    @property
+    def top_k(self) -> int:
+        return self.cache.top_k
+
+
+@torch.inference_mode()
+def run_teacher(
+    model: nn.Module,
+    search: SearchSet,
+    *,
+    cache: CacheKind = "sparse",
+    top_k: int = 64,
+    keep_calls: bool = True,
+) -> TeacherRun:
+    """Run the unpruned `model` once over `search`: the teacher cache plus the records layer replay
+    needs. ``keep_calls=False`` drops the per-layer call arguments (full-forward evaluation only).
+
+    Replaying the layers must reproduce the model's own logits; otherwise candidates are evaluated
+    with a full forward each (correct, without reuse), and the reason is recorded (and warned)."""
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"teacher cache must be one of {CACHE_KINDS}, got {cache!r}")
+    device = next(model.parameters()).device
+    search = search.to(device)
+    fallback: str | None = None
+    try:
+        replay: LayerReplay | None = LayerReplay(model)
+    except (AttributeError, TypeError) as e:
+        replay, fallback = None, f"no layers/norm/head to replay ({e})"
+    positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
+    labels = [b.labels()[p] for b, p in zip(search.batches, positions, strict=True)]  # (n_b,)
+    t0 = time.perf_counter()
+    records: list[BatchRecord] = []
+    slices = []
+    for batch, pos in zip(search.batches, positions, strict=True):
+        record = replay.record(batch) if replay is not None else _plain_record(model, batch)
+        if replay is not None and fallback is None and not records:
+            fallback = _replay_problem(replay, record)
+        logits = record.logits.reshape(-1, record.logits.shape[-1])[pos]  # (n_b, V)
+        slices.append(teacher_slice(logits, cache, top_k))
+        record.logits = None
+        if not keep_calls:
+            record.calls = []
+        records.append(record)
+    if fallback is not None and replay is not None:
+        warnings.warn(
+            f"{fallback}: evaluating every candidate with a full forward (no hidden-state reuse)",
+            stacklevel=3,
+        )
+    return TeacherRun(
+        search=search,
+        cache=TeacherCache(kind=cache, top_k=top_k, slices=slices),
+        records=records,
+        positions=positions,
+        labels=labels,
+        replay=replay,
+        replay_fallback=fallback,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _plain_record(model: nn.Module, batch) -> BatchRecord:
+    with torch.inference_mode():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return BatchRecord(layer0_input=torch.empty(0), logits=out.logits)
+
+
+def _replay_problem(replay: LayerReplay, record: BatchRecord) -> str | None:
+    """None when replaying the layers reproduces the model's logits, else why not."""
+    try:
+        if torch.allclose(replay.forward_from(0, record.layer0_input, record), record.logits, atol=1e-5):
+            return None
+        return "replayed layers do not reproduce the model's logits"
+    except Exception as e:  # a family whose layers need more than what its forward passed them
+        return f"replaying its layers failed ({type(e).__name__}: {e})"
+
+
+class CandidateEvaluator:
+    """Fitness of any `ExpertPlan` on one search set, against a `TeacherRun`.
+
+    Pass a `TeacherRun` (shared, the teacher runs once) or a `SearchSet` (the teacher runs here,
+    with `cache` / `top_k`); candidates are evaluated under `mask_experts`.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        search: SearchSet,
+        search: SearchSet | TeacherRun,
         *,
         fitness: str = "esap",
         cache: CacheKind = "sparse",
@@ -177,8 +276,13 @@ class CandidateEvaluator:
             raise ValueError(f"candidate_batch must be >= 1, got {candidate_batch}")
         self.model = model
         self.device = next(model.parameters()).device
-        self.search = search.to(self.device)
-        search = self.search
+        run = (
+            search
+            if isinstance(search, TeacherRun)
+            else run_teacher(model, search, cache=cache, top_k=top_k, keep_calls=not full_forward)
+        )
+        self.teacher_run = run
+        self.search = run.search
         self.candidate_batch = candidate_batch
         self._stacked: list[StackedCalls] | None = None
         if head_rows == "auto":
@@ -186,57 +290,18 @@ class CandidateEvaluator:
             head_rows = head_rows_for(self.device, vocab)
         self.head_rows = head_rows  # scored rows per log-softmax; None = all of a batch's at once
         self.fitness: Fitness = FITNESS.get(fitness)
-        self.replay_fallback: str | None = None  # why layer replay is off for this model, if it is
-        try:
-            self.replay: LayerReplay | None = LayerReplay(model)
-        except (AttributeError, TypeError) as e:
-            self.replay, self.replay_fallback = None, f"no layers/norm/head to replay ({e})"
-            full_forward = True
+        self.replay = run.replay
+        self.replay_fallback = run.replay_fallback
+        # no usable replay, or a teacher run without the layers' call arguments: full forwards
+        full_forward = full_forward or run.replay_fallback is not None or not run.records[0].calls
         self.reuse = reuse and not full_forward
         self.full_forward = full_forward
         self.moe_indices = [layer.index for layer in moe_layers(model)]
         self.hidden = HiddenCache(cache_bytes)
         self.stats = ReuseStats()
-        self.positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
-        self.labels = [b.labels()[p] for b, p in zip(search.batches, self.positions, strict=True)]  # (n_b,)
-        t0 = time.perf_counter()
-        self.records: list[BatchRecord] = []
-        slices = []
-        for batch, pos in zip(search.batches, self.positions, strict=True):
-            record = self.replay.record(batch) if self.replay is not None else self._plain_record(batch)
-            if not self.full_forward and not self.records:
-                self._check_replay(record)
-            logits = record.logits.reshape(-1, record.logits.shape[-1])[pos]  # (n_b, V)
-            slices.append(teacher_slice(logits, cache, top_k))
-            record.logits = None
-            if self.full_forward:
-                record.calls = []
-            self.records.append(record)
-        self.teacher = TeacherCache(kind=cache, top_k=top_k, slices=slices)
-        self.teacher_seconds = time.perf_counter() - t0
-
-    def _plain_record(self, batch) -> BatchRecord:
-        with torch.inference_mode():
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return BatchRecord(layer0_input=torch.empty(0), logits=out.logits)
-
-    def _check_replay(self, record: BatchRecord) -> None:
-        """Replaying the layers must reproduce the model's own logits; otherwise fall back to a full
-        forward per candidate (correct, without reuse) and say so."""
-        try:
-            ok = torch.allclose(
-                self.replay.forward_from(0, record.layer0_input, record), record.logits, atol=1e-5
-            )
-            reason = "replayed layers do not reproduce the model's logits"
-        except Exception as e:  # a family whose layers need more than what its forward passed them
-            ok, reason = False, f"replaying its layers failed ({type(e).__name__}: {e})"
-        if not ok:
-            self.replay_fallback = reason
-            self.full_forward, self.reuse = True, False
-            warnings.warn(
-                f"{reason}: evaluating every candidate with a full forward (no hidden-state reuse)",
-                stacklevel=3,
-            )
+        self.positions, self.labels, self.records = run.positions, run.labels, run.records
+        self.teacher = run.cache
+        self.teacher_seconds = run.seconds
 
     # --- keys -------------------------------------------------------------------------------
     def _removed(self, plan: ExpertPlan) -> dict[int, tuple[int, ...]]:

@@ -83,6 +83,14 @@ class SearchSet:
             raise DataError("the search set has no scored tokens (check the attention/score masks)")
         return out
 
+    @classmethod
+    def from_tokens(cls, data, batch_size: int = 8) -> SearchSet:
+        """From a `data.TokenSet` (or anything with input_ids, attention_mask, score_mask)."""
+        if isinstance(data, SearchSet):
+            return data
+        mask = getattr(data, "attention_mask", None)
+        return cls.from_tensors(data.input_ids, mask, getattr(data, "score_mask", None), batch_size)
+
     def to(self, device: torch.device | str) -> SearchSet:
         """The same batches on `device` (the model's, for a model on GPU)."""
         return SearchSet([b.to(device) for b in self.batches])

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 CacheKind = Literal["dense", "sparse"]
+CACHE_KINDS: tuple[str, ...] = ("sparse", "dense")  # what `--cache` accepts
 
 
 @dataclass

@@ -97,6 +97,15 @@ class ExpertStats:
     def has_dense(self) -> bool:
         return all(ls.dense_tokens > 0 for ls in self.layers.values())
 
+    def check_fits(self, num_experts: dict[int, int]) -> None:
+        """The statistics must describe a model with `num_experts` routed experts per MoE layer index."""
+        have = {i: ls.num_experts for i, ls in self.layers.items()}
+        if have != dict(num_experts):
+            raise MoepruneError(
+                f"the expert statistics (of '{self.meta.get('model', '?')}') do not fit this model: "
+                f"experts per MoE layer {have} vs {dict(num_experts)}"
+            )
+
     def save(self, out_dir: str | Path) -> Path:
         """Write ``stats.safetensors`` and ``stats.json`` into `out_dir` (created)."""
         out = Path(out_dir)

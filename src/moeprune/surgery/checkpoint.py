@@ -14,13 +14,11 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..arch import family_of, moe_layers
+from ..arch import family_of
 from ..errors import MoepruneError, UnsupportedModelError
 from . import slicing
-from .card import model_card
 
 MANIFEST = "moeprune.json"
-CARD = "README.md"
 REMOTE_CODE_FILE = "modeling_moeprune.py"
 
 
@@ -65,6 +63,11 @@ def remote_code_source(model: PreTrainedModel) -> str:
     )
 
 
+def is_non_uniform(model: PreTrainedModel) -> bool:
+    """Whether `model`'s MoE layers hold different numbers of experts (after surgery)."""
+    return getattr(model.config.get_text_config(), "num_experts_per_layer", None) is not None
+
+
 def save_pruned(
     model: PreTrainedModel,
     out_dir: str | Path,
@@ -72,18 +75,15 @@ def save_pruned(
     manifest: dict,
     tokenizer=None,
     overwrite: bool = False,
-    extra_files: dict[str, str] | None = None,
-    card_plot: str | None = None,
-    card_evaluation: str | None = None,
+    files: dict[str, str | bytes] | None = None,
 ) -> Path:
-    """Save `model` (already pruned in place) with its tokenizer, `moeprune.json` and a model card
-    (``README.md``, see `card`), atomically.
+    """Save `model` (already pruned in place) with its tokenizer, `moeprune.json` and `files`
+    ({name: text or bytes}: model card, run files, plots), atomically.
 
     Non-uniform expert counts add ``auto_map`` + ``modeling_moeprune.py`` so that
     ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the checkpoint.
     """
-    config = model.config.get_text_config()
-    non_uniform = getattr(config, "num_experts_per_layer", None) is not None
+    non_uniform = is_non_uniform(model)
 
     def write(tmp: Path) -> None:
         if non_uniform:
@@ -95,17 +95,10 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        card = model_card(
-            manifest,
-            parameters=sum(p.numel() for p in model.parameters()),
-            experts={layer.index: layer.num_experts for layer in moe_layers(model)},
-            non_uniform=non_uniform,
-            plot=card_plot,
-            evaluation=card_evaluation,
-        )
-        (tmp / CARD).write_text(card)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content) if isinstance(content, bytes) else (tmp / name).write_text(
+                content
+            )
 
     return atomic_directory(out_dir, overwrite, write)
 
@@ -126,6 +119,16 @@ def _model_class(config) -> type:
     if getattr(config.get_text_config(), "num_experts_per_layer", None) is None:
         return base
     return slicing.resizable_class(base, family.slicing_spec())
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def skeleton(path: str | os.PathLike) -> PreTrainedModel:

@@ -10,18 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .tables import markdown_table  # noqa: F401  (the card's evaluation tables use it)
+
 RECIPE_KEYS = ("criterion", "sparsity", "allocation", "selection", "active_experts", "fitness")
-
-
-def markdown_table(columns: Mapping[str, Mapping[str, str]]) -> str:
-    """{column: {row: cell}} -> a Markdown table (rows in first-seen order)."""
-    names = list(columns)
-    rows: list[str] = []
-    for col in columns.values():
-        rows += [r for r in col if r not in rows]
-    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    lines += [f"| {r} | " + " | ".join(columns[n].get(r, "") for n in names) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def model_card(

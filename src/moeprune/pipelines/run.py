@@ -1,0 +1,130 @@
+"""The one path from a `Recipe` to a checkpoint: check every input, let the allocation's pipeline
+choose, evaluate (baselines by exact masking before surgery, the result after it), apply the choice
+in place, save the checkpoint with its card and run files atomically, clean up."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..arch import family_of, moe_layers
+from ..fitness import CandidateEvaluator, SearchSet
+from ..merge.active import set_active_experts_
+from ..merge.merging import merge_experts_
+from ..recipe import Recipe
+from ..report import evaluation_cells, manifest, markdown_table, model_card
+from ..surgery import ExpertPlan, mask_experts, remove_experts_, save_pruned
+from ..surgery.checkpoint import is_non_uniform
+from .base import PIPELINES, Choice, RunContext
+
+
+@dataclass
+class RunResult:
+    out: Path
+    choice: Choice
+    kept: dict[int, list[int]]  # original expert ids kept per MoE layer
+    num_experts: dict[int, int]  # routed experts per MoE layer before pruning
+    evaluation: dict[str, dict] | None  # {column: results} when the recipe evaluates
+    seconds: float
+
+
+def apply_choice(model, choice: Choice) -> dict[int, list[int]]:
+    """Surgery in place: merge or remove, then fewer active experts; the kept original ids."""
+    kept = (
+        merge_experts_(model, choice.merges)
+        if choice.merges is not None
+        else remove_experts_(model, choice.plan)
+    )
+    if choice.active_experts is not None:
+        set_active_experts_(model, choice.active_experts)
+    return kept
+
+
+def _evaluate(ctx: RunContext, model, plan: ExpertPlan | None, heldout: CandidateEvaluator | None) -> dict:
+    """The recipe's evaluation of `model`, masked by `plan` (None: as it is in memory)."""
+    from ..evaluate import evaluate_model
+
+    ev = ctx.spec.evaluate
+    result: dict = {}
+    with mask_experts(model, plan) if plan is not None else nullcontext():
+        if heldout is not None:
+            with torch.inference_mode():
+                logits = [
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+                    for b in heldout.search.batches
+                ]
+            result["heldout_esap"] = heldout.score_logits(logits).value
+        if ev.suite is not None or ev.lm_eval:
+            result |= evaluate_model(
+                model, ctx.tokenizer, suite=ev.suite, lm_eval=ev.lm_eval, limit=ev.limit, max_items=ev.max_items,
+                max_tokens_per_domain=ev.max_tokens_per_domain,
+            )  # fmt: skip
+    return result
+
+
+def save_checkpoint(
+    model, out, *, source, kept, num_experts, tokenizer=None, overwrite=False, record=None, files=None,
+    card_plot=None, evaluation=None, source_dtype=None,
+) -> Path:  # fmt: skip
+    """Write the pruned `model` with ``moeprune.json``, the model card and `files`, atomically; the
+    weights in `source_dtype` (the input checkpoint's) when the run computed in another dtype."""
+    if isinstance(source_dtype, torch.dtype) and next(model.parameters()).dtype != source_dtype:
+        model.to(source_dtype)
+    info = manifest(source, kept, num_experts, family=family_of(model.config).model_type, **(record or {}))
+    table = None
+    if evaluation:
+        table = "Measured by moeprune before the checkpoint was written (baselines by exact masking):\n\n"
+        table += markdown_table({name: evaluation_cells(r) for name, r in evaluation.items()})
+    card = model_card(
+        info,
+        parameters=sum(p.numel() for p in model.parameters()),
+        experts={layer.index: layer.num_experts for layer in moe_layers(model)},
+        non_uniform=is_non_uniform(model),
+        plot=card_plot,
+        evaluation=table,
+    )
+    files = {"README.md": card, **(files or {})}
+    return save_pruned(model, out, manifest=info, tokenizer=tokenizer, overwrite=overwrite, files=files)
+
+
+def run(
+    recipe: Recipe | str | Path, *, overwrite: bool = False, resume: bool = False, progress: bool = True
+) -> RunResult:
+    """Carry out `recipe` (a `Recipe` or a YAML path). Every input is checked before any weight loads."""
+    t0 = time.perf_counter()
+    spec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
+    ctx = RunContext(spec, overwrite=overwrite, resume=resume, progress=progress)
+    choice = PIPELINES.get(spec.allocation)(ctx)
+    model, ev = ctx.model, spec.evaluate
+    columns: dict[str, dict] = {}
+    heldout = None
+    if ev is not None:
+        if ctx.heldout_tokens is not None:
+            heldout = CandidateEvaluator(
+                model, SearchSet.from_tokens(ctx.heldout_tokens), cache="dense", reuse=False
+            )
+        if ev.baselines:
+            columns["unpruned"] = _evaluate(ctx, model, ExpertPlan({}), heldout)
+            if choice.uniform is not None and choice.label != "uniform":
+                columns["uniform"] = _evaluate(ctx, model, choice.uniform, heldout)
+    kept = apply_choice(model, choice)
+    if ev is not None:
+        columns[choice.label] = _evaluate(ctx, model, None, heldout)
+    files = dict(choice.files) | {"recipe.yaml": spec.to_yaml()}
+    if columns:
+        files["evaluation.json"] = (
+            json.dumps(columns if ev.baselines else columns[choice.label], indent=1, default=str) + "\n"
+        )
+    out = save_checkpoint(
+        model, ctx.out, source=ctx.source, kept=kept, num_experts=ctx.num_experts, tokenizer=ctx.tokenizer,
+        overwrite=ctx.overwrite, record=choice.record | {"recipe": spec.model_dump(exclude_none=True)},
+        files=files, card_plot=choice.card_plot, evaluation=columns or None,
+        source_dtype=getattr(ctx.skeleton.config, "dtype", None),
+    )  # fmt: skip
+    ctx.clean_up()
+    return RunResult(out, choice, kept, ctx.num_experts, columns or None, time.perf_counter() - t0)
