@@ -31,11 +31,13 @@ __all__ = [
     "eep_merge",
     "eep_prune",
     "evaluate",
+    "evaluate_checkpoints",
     "expert_counts",
     "load",
     "load_calibration",
     "load_tokenizer",
     "observe",
+    "observe_checkpoint",
     "prune",
     "prune_by_criterion",
     "prune_checkpoint",
@@ -148,6 +150,53 @@ def observe(model: PreTrainedModel, data, *, criteria=None, out_dir=None, overwr
     if out_dir is not None:
         atomic_directory(out_dir, overwrite, stats.save)
     return stats
+
+
+def observe_checkpoint(
+    model: str | Path, out: str | Path, *, data, criteria=None, overwrite=False, seed=0, **options
+):
+    """Observe a checkpoint once and save its `ExpertStats` to `out` (for ``prune --stats``). `data`: a
+    path or `DataSpec` fields; `criteria`: the ones to support (None: all, MoP's dense subsample too);
+    `options`: dense_tokens, batch_size, progress. Inputs are checked before any weight loads."""
+    from .criteria import get_criterion
+    from .recipe import DataSpec
+    from .surgery.checkpoint import check_output_dir
+
+    check_output_dir(out, overwrite)
+    for name in criteria or []:
+        get_criterion(name)
+    d = DataSpec.model_validate(_data(data))
+    check_model(model)
+    tokens = load_calibration(
+        d.data, load_tokenizer(model), text_field=d.text_field, seq_len=d.seq_len, num_samples=d.samples,
+        per_domain=d.per_domain, seed=seed if d.seed is None else d.seed,
+    )  # fmt: skip
+    return observe(
+        load(model), tokens, criteria=criteria, out_dir=out, overwrite=overwrite, seed=seed, **options
+    )
+
+
+def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", dtype=None, **options) -> dict:
+    """`evaluate` each checkpoint (loaded in `dtype`, float32 on a CPU by default): {name: results}.
+    `suite`: a directory, "testbed" or None; `options`: limit, max_items, lm_eval_include."""
+    from .recipe import placement
+
+    if suite is None and not lm_eval:
+        raise MoepruneError("nothing to evaluate: give a suite or lm-eval tasks")
+    if suite not in (None, "testbed") and not Path(suite).is_dir():
+        raise MoepruneError(
+            f"suite {suite}: no such directory (a folder with test.jsonl, generation.jsonl, ...)"
+        )
+    include = options.get("lm_eval_include")
+    if include is not None and not Path(include).is_dir():
+        raise MoepruneError(f"lm-eval include {include}: no such directory")
+    where = placement(device, dtype or ("float32" if device == "cpu" else "auto"))
+    return {
+        name: evaluate(
+            load(name, **where), load_tokenizer(name), suite=suite, lm_eval=list(lm_eval), **options
+        )
+        for name in models
+    }
 
 
 def criterion_plan(

@@ -14,13 +14,8 @@ from rich.console import Console
 
 from .errors import MoepruneError
 
-app = typer.Typer(
-    name="moeprune",
-    help="Prune experts of Mixture-of-Experts language models and write smaller checkpoints.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer(name="moeprune", help="Prune experts of Mixture-of-Experts language models and write smaller "
+                  "checkpoints.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
 console = Console(stderr=True)  # progress, notes and errors; results go to stdout
 
 
@@ -28,22 +23,15 @@ def opt(flag: str, help: str, **kw):
     return typer.Option(flag, help=help, **kw)
 
 
+# fmt: off
 Model = Annotated[str, typer.Argument(help="Hugging Face hub id or local checkpoint directory.")]
 Out = Annotated[Path, opt("--out", "Output directory (checkpoint, moeprune.json, run files).")]
 Overwrite = Annotated[bool, opt("--overwrite", "Replace --out if it exists.")]
-Criterion = Annotated[
-    str | None, opt("--criterion", "Within-layer criterion (frequency, reap, naee, mop, ...).")
-]
+Criterion = Annotated[str | None, opt("--criterion", "Within-layer criterion (frequency, reap, naee, mop, ...).")]
 Sparsity = Annotated[float | None, opt("--sparsity", "Share of the routed experts removed.")]
-Data = Annotated[
-    str | None, opt("--data", "Calibration data: .jsonl/.json/.parquet/.txt file or hub dataset.")
-]
-SearchData = Annotated[
-    str, opt("--search-data", "Search data (file or hub dataset) the fitness is measured on.")
-]
-Stats = Annotated[
-    str | None, opt("--stats", "Expert statistics from `moeprune observe` (skips calibration).")
-]
+Data = Annotated[str | None, opt("--data", "Calibration data: .jsonl/.json/.parquet/.txt file or hub dataset.")]
+SearchData = Annotated[str, opt("--search-data", "Search data (file or hub dataset) the fitness is measured on.")]
+Stats = Annotated[str | None, opt("--stats", "Expert statistics from `moeprune observe` (skips calibration).")]
 TextField = Annotated[str, opt("--text-field", "Field of a data row that holds its text.")]
 Samples = Annotated[int, opt("--num-samples", "Calibration samples (seeded draw).")]
 SeqLen = Annotated[int, opt("--seq-len", "Tokens per calibration sample (rows are packed).")]
@@ -54,22 +42,18 @@ Fitness = Annotated[str, opt("--fitness", "esap, kl_teacher_draft, kl_draft_teac
 Cache = Annotated[str, opt("--cache", "Teacher cache: sparse (top-K + tail) or dense.")]
 TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (sparse cache).")]
 Device = Annotated[str, opt("--device", "Where the model runs: cpu, cuda, cuda:1, mps.")]
-Stack = Annotated[
-    int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")
-]
+Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")]
 Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")]
+# fmt: on
 
 # recipe keys -> the flags that set them, so that an error names what the user typed
-FLAGS = {
-    "sparsity": "--sparsity", "criterion": "--criterion", "seed": "--seed", "device": "--device",
-    "dtype": "--dtype", "calibration.samples": "--num-samples", "calibration.seq_len": "--seq-len",
-    "search.data.samples": "--search-samples", "search.data.seq_len": "--search-seq-len",
-    "search.fitness": "--fitness", "search.cache": "--cache", "search.top_k": "--top-k",
-    "search.population": "--population", "search.generations": "--generations",
-    "search.candidate_batch": "--candidate-batch", "eep.population": "--population",
-    "eep.iterations": "--iterations", "eep.merge_population": "--merge-population",
-    "eep.merge_iterations": "--merge-iterations", "eep.active_experts": "--active-experts",
-}  # fmt: skip
+SPECIAL_FLAGS = {"calibration.samples": "--num-samples", "search.data.samples": "--search-samples",
+                 "search.data.seq_len": "--search-seq-len", "recipe": "recipe"}  # fmt: skip
+
+
+def flag(key: str) -> str:
+    """The flag that sets recipe `key` (so that an error names what the user typed)."""
+    return SPECIAL_FLAGS.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
 
 
 def _build(allocation: str, model: str, out: Path, **fields):
@@ -77,7 +61,7 @@ def _build(allocation: str, model: str, out: Path, **fields):
     from . import api
     from .recipe import Recipe
 
-    return Recipe.build(api.recipe_fields(allocation, model, out, **fields), names=FLAGS)
+    return Recipe.build(api.recipe_fields(allocation, model, out, **fields), names=flag)
 
 
 def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
@@ -92,12 +76,8 @@ def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
     Console().print(f"{done.choice.summary} -> {done.out} ({done.seconds:.0f}s)", highlight=False)
 
 
-def _data(path, text_field: str, samples: int, seq_len: int):
-    return (
-        None
-        if path is None
-        else {"data": path, "text_field": text_field, "samples": samples, "seq_len": seq_len}
-    )
+def _data(path, text_field: str, samples: int, seq_len: int) -> dict | None:
+    return None if path is None else {"data": path, "text_field": text_field, "samples": samples, "seq_len": seq_len}  # fmt: skip
 
 
 @app.command()
@@ -112,30 +92,14 @@ def observe(
 ) -> None:  # fmt: skip
     """Run calibration data through MODEL once and save per-expert statistics for `prune --stats`."""
     from . import api
-    from .criteria import get_criterion
-    from .surgery.checkpoint import check_output_dir
 
-    check_output_dir(out, overwrite)
     names = None if criteria.strip() == "all" else [c.strip() for c in criteria.split(",") if c.strip()]
-    for name in names or []:
-        get_criterion(name)
-    api.check_model(model)
-    tokens = api.load_calibration(
-        data,
-        api.load_tokenizer(model),
-        text_field=text_field,
-        seq_len=seq_len,
-        num_samples=num_samples,
-        seed=seed,
-    )
-    stats = api.observe(
-        api.load(model), tokens, criteria=names, dense_tokens=dense_tokens, batch_size=batch_size, seed=seed,
-        out_dir=out, overwrite=overwrite,
+    stats = api.observe_checkpoint(
+        model, out, data=_data(data, text_field, num_samples, seq_len), criteria=names, overwrite=overwrite,
+        seed=seed, dense_tokens=dense_tokens, batch_size=batch_size,
     )  # fmt: skip
-    Console().print(
-        f"observed {stats.meta['num_tokens']} tokens in {len(stats.layers)} MoE layers -> {out} "
-        f"(criteria: {', '.join(stats.meta['criteria_supported'])})"
-    )
+    supported, n = ", ".join(stats.meta["criteria_supported"]), stats.meta["num_tokens"]
+    Console().print(f"observed {n} tokens in {len(stats.layers)} MoE layers -> {out} ({supported})")
 
 
 @app.command()
@@ -211,8 +175,7 @@ def eep_prune(
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
     cache: Cache = "sparse", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
 ) -> None:  # fmt: skip
-    """EEP: search which experts each layer keeps (uniform --sparsity), optionally merge the others into
-    them (--merge-iterations), and save the smaller checkpoint to --out."""
+    """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""
     r = _build(
         "eep", model, out, sparsity=sparsity, criterion=criterion,
         data=_data(data, text_field, num_samples, seq_len), stats=stats,
@@ -238,26 +201,13 @@ def evaluate(
 ) -> None:  # fmt: skip
     """Evaluate checkpoints side by side: the testbed-style suite and/or lm-eval tasks, in process."""
     from . import api
-    from .recipe import placement
     from .report import evaluation_cells, table, write_json
 
     tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
-    suite_dir = None if suite == "none" else suite
-    if suite_dir is None and not tasks:
-        raise MoepruneError("nothing to evaluate: give a --suite or --lm-eval TASKS")
-    if suite_dir not in (None, "testbed") and not Path(suite_dir).is_dir():
-        raise MoepruneError(
-            f"--suite {suite_dir}: no such directory (a folder with test.jsonl, generation.jsonl, ...)"
-        )
-    if lm_eval_include is not None and not lm_eval_include.is_dir():
-        raise MoepruneError(f"--lm-eval-include {lm_eval_include}: no such directory")
-    where = placement(device, dtype or ("float32" if device == "cpu" else "auto"))
-    results = {}
-    for name in models:
-        results[name] = api.evaluate(
-            api.load(name, **where), api.load_tokenizer(name), suite=suite_dir, lm_eval=tasks, limit=limit,
-            max_items=max_items, lm_eval_include=lm_eval_include,
-        )  # fmt: skip
+    results = api.evaluate_checkpoints(
+        models, suite=None if suite == "none" else suite, lm_eval=tasks, device=device, dtype=dtype, limit=limit,
+        max_items=max_items, lm_eval_include=lm_eval_include,
+    )  # fmt: skip
     Console().print(table({n: evaluation_cells(r) for n, r in results.items()}, "moeprune evaluate"))
     if out is not None:
         console.print(f"results -> {write_json(results, out)}", highlight=False)
@@ -292,43 +242,38 @@ def demo(
         out, model_dir=model_dir, data_dir=data_dir, criterion=criterion, sparsity=sparsity,
         population=population, generations=generations, seed=seed,
     )  # fmt: skip
-    console.print(
-        f"demo: {r.criterion} ranking, EvoESAP search (population {population}, {generations} generations)"
-    )
+    console.print(f"demo: {criterion} ranking, EvoESAP search ({population} x {generations} generations)")
     _execute(r, overwrite=overwrite)
-    Console().print(
-        f"load with moeprune.load('{out}'); plots: {out}/allocation.png, {out}/fitness.png; "
-        f"results: {out}/evaluation.json",
-        highlight=False,
-    )
+    files = f"plots: {out}/allocation.png, {out}/fitness.png; results: {out}/evaluation.json"
+    Console().print(f"load with moeprune.load('{out}'); {files}", highlight=False)
 
 
 @app.command("criteria")
 def list_criteria() -> None:
     """List the within-layer criteria (for --criterion)."""
-    from .criteria import CRITERIA
-    from .report import table
+    from .report.listings import criteria_table
 
-    rows = {n: CRITERIA.get(n) for n in CRITERIA.names()}
-    cols = {
-        "ranks experts by": {n: c.summary for n, c in rows.items()},
-        "needs": {n: "dense token subsample" if c.needs_dense else "" for n, c in rows.items()},
-    }
-    Console().print(table(cols))
+    Console().print(criteria_table())
 
 
 @app.command()
 def families() -> None:
     """List the supported MoE families and how each routes tokens."""
-    from .arch import FAMILIES
-    from .report import table
+    from .report.listings import families_table
 
-    fams = dict(sorted(FAMILIES.items()))
-    cols = {
-        "MoE block": {n: f"{f.block_attr}: {f.block_classes[0]}" for n, f in fams.items()},
-        "routing": {n: f.routing for n, f in fams.items()},
-    }
-    Console().print(table(cols))
+    Console().print(families_table())
+
+
+def _one_line(e: Exception) -> str:
+    """What the user reads for a user or usage error (markup in the message is not interpreted)."""
+    from rich.markup import escape
+
+    if isinstance(e, MoepruneError):
+        return f"[bold red]error:[/] {escape(str(e))}"
+    if type(e).__name__ == "NoArgsIsHelpError":  # bare `moeprune`: the help
+        return escape(e.format_message())
+    command = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None else ""
+    return f"[bold red]error:[/] {escape(e.format_message())} (see moeprune{command} --help)"
 
 
 def main() -> None:
@@ -339,27 +284,15 @@ def main() -> None:
         from typer._click import exceptions as vendored
     except ImportError:  # typer releases that use click itself
         vendored = click.exceptions
-    usage = (click.exceptions.ClickException, vendored.ClickException)
     try:
         code = app(standalone_mode=False)
-    except MoepruneError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt, click.exceptions.Abort, vendored.Abort):
+    except (typer.Abort, KeyboardInterrupt, click.exceptions.Abort):
         console.print("aborted (Ctrl-C); nothing was written", highlight=False)
         sys.exit(130)
-    except usage as e:
-        if type(e).__name__ == "NoArgsIsHelpError":
-            console.print(e.format_message(), highlight=False)
-        else:
-            command = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None else ""
-            console.print(
-                f"[bold red]error:[/] {e.format_message()} (see moeprune{command} --help)",
-                highlight=False,
-                soft_wrap=True,
-            )
+    except (MoepruneError, click.exceptions.ClickException, vendored.ClickException) as e:
+        console.print(_one_line(e), highlight=False, soft_wrap=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

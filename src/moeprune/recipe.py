@@ -22,6 +22,7 @@ registries with "did you mean"; every error is one `MoepruneError` line naming t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,9 @@ class Recipe(_Strict):
         return self
 
     @classmethod
-    def build(cls, data: dict[str, Any], where: str = "", names: dict[str, str] | None = None) -> Recipe:
+    def build(
+        cls, data: dict[str, Any], where: str = "", names: Callable[[str], str] | None = None
+    ) -> Recipe:
         """Validate `data`; any problem is one `MoepruneError` line naming the key (prefixed by `where`,
         renamed by `names`, e.g. to the CLI flag that set it)."""
         try:
@@ -212,11 +215,11 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
 
 
-def one_line(error: ValidationError, where: str = "", names: dict[str, str] | None = None) -> str:
+def one_line(error: ValidationError, where: str = "", names: Callable[[str], str] | None = None) -> str:
     """The first validation error as ``WHERE KEY: message``; `names` renames keys (e.g. to CLI flags)."""
     err = error.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "recipe"
-    key = (names or {}).get(key, key)
+    key = names(key) if names is not None else key
     msg = err["msg"].removeprefix("Value error, ")
     return f"{where}{key}: {msg}"
 
