@@ -46,7 +46,6 @@ Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one for
 Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")]
 # fmt: on
 
-# recipe keys -> the flags that set them, so that an error names what the user typed
 SPECIAL_FLAGS = {"calibration.samples": "--num-samples", "search.data.samples": "--search-samples",
                  "search.data.seq_len": "--search-seq-len", "recipe": "recipe"}  # fmt: skip
 
