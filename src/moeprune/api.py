@@ -21,6 +21,7 @@ __all__ = [
     "observe",
     "prune",
     "prune_by_criterion",
+    "prune_checkpoint",
     "save",
     "save_search",
     "search",
@@ -72,13 +73,54 @@ def save(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    max_shard_size: int | str | None = None,
     **extra,
 ) -> Path:
     """Write the pruned checkpoint, tokenizer, ``moeprune.json`` and `extra_files` ({name: text})
-    atomically to `out_dir`."""
+    atomically to `out_dir`; weights above `max_shard_size` are sharded with an index."""
     record = manifest(source, kept, num_experts, family=family_of(model.config).model_type, **extra)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     return save_pruned(
-        model, out_dir, manifest=record, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files
+        model,
+        out_dir,
+        manifest=record,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+        extra_files=extra_files,
+        **shards,
+    )
+
+
+def prune_checkpoint(
+    source: str | Path,
+    plan: ExpertPlan | dict | None,
+    out_dir: str | Path,
+    *,
+    merges=None,
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **extra,
+) -> Path:
+    """Streaming surgery: rewrite the safetensors checkpoint `source` (a directory, or a hub id in
+    the local cache) into a pruned one at `out_dir`, tensor by tensor, without building the model.
+
+    `plan` says which experts go; or `merges` ({layer: (anchors, M (k, E))} or EEP `LayerMerge`s)
+    write Σ_i M[j, i] W_i into each anchor j and remove the rest. Shards are at most
+    `max_shard_size` (default: the input's largest). Same checkpoint as `prune` + `save`."""
+    from .surgery.streaming import StreamingPrune
+
+    rewrite = StreamingPrune(source, plan, merges=merges)
+    record = manifest(
+        source,
+        rewrite.kept,
+        rewrite.num_experts,
+        family=rewrite.family.model_type,
+        plan=rewrite.plan.to_dict(),
+        **extra,
+    )
+    return rewrite.write(
+        out_dir, manifest=record, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
     )
 
 

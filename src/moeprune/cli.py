@@ -5,6 +5,7 @@ Every bad input is a `MoepruneError`: printed as one line on stderr, exit code 2
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -205,17 +206,52 @@ def prune(
     num_samples: NumSamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
     seed: SeedOpt = 0,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="stream: rewrite the safetensors checkpoint tensor by tensor, never building the model "
+            "(local or cached checkpoint; --plan, or --criterion with --stats); memory: load, prune, save; "
+            "auto: stream when possible.",
+        ),
+    ] = "auto",
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size",
+            help="Largest weight file written, e.g. 5GB, 200MB, 2GiB (default: the input's largest shard "
+            "when streaming, 5GB in memory).",
+        ),
+    ] = None,
 ) -> None:
     """Remove experts from MODEL and write a smaller checkpoint to --out."""
     from . import api
     from .surgery import ExpertPlan
-    from .surgery.checkpoint import check_output_dir
+    from .surgery.checkpoint import check_output_dir, shard_bytes
 
     check_output_dir(out, overwrite)
     if plan is None and criterion is None:
         fail("say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE")
     if plan is not None and criterion is not None:
         fail("give either --plan or --criterion, not both")
+    if mode not in ("auto", "stream", "memory"):
+        fail(f"--mode must be auto, stream or memory, got '{mode}'")
+    if max_shard_size is not None:
+        shard_bytes(max_shard_size)
+    if mode != "memory" and _prune_streaming(
+        api,
+        model,
+        out,
+        plan,
+        criterion,
+        sparsity,
+        stats,
+        seed,
+        overwrite,
+        max_shard_size,
+        forced=mode == "stream",
+    ):
+        return
     if criterion is not None:
         expert_plan, loaded, counts = _criterion_plan(
             api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed
@@ -235,10 +271,59 @@ def prune(
         tokenizer=api.load_tokenizer(model),
         overwrite=overwrite,
         plan=expert_plan.to_dict(),
+        max_shard_size=max_shard_size,
         **({"criterion": criterion, "sparsity": sparsity} if criterion is not None else {}),
     )
     left = sum(len(v) for v in kept.values())
     console.print(f"pruned {sum(counts.values()) - left} of {sum(counts.values())} routed experts -> {path}")
+
+
+def _prune_streaming(
+    api, model, out, plan, criterion, sparsity, stats, seed, overwrite, max_shard_size, forced
+) -> bool:
+    """`prune` by streaming surgery when MODEL is a local (or cached) safetensors checkpoint and the
+    plan is known without running the model; False to prune in memory instead (--mode auto)."""
+    from .surgery import ExpertPlan
+    from .surgery.streaming import local_checkpoint
+
+    if plan is None and stats is None:
+        if forced:
+            fail(
+                "--mode stream needs a plan known without running the model: --plan, or --criterion with --stats"
+            )
+        return False
+    if local_checkpoint(model) is None:
+        if forced:
+            fail(
+                f"--mode stream needs a local safetensors checkpoint (a directory or a cached hub id), not '{model}'"
+            )
+        return False
+    if criterion is not None:
+        from .criteria import get_criterion, uniform_counts
+        from .observe import ExpertStats
+
+        get_criterion(criterion)
+        if sparsity is None:
+            fail("--criterion needs --sparsity (fraction of routed experts removed in every MoE layer)")
+        if not 0.0 <= sparsity < 1.0:
+            fail(f"--sparsity must be in [0, 1), got {sparsity}")
+        expert_stats = ExpertStats.load(stats)
+        get_criterion(criterion, expert_stats)
+        api.check_stats(model, expert_stats)
+        expert_plan = api.criterion_plan(
+            expert_stats, criterion, counts=uniform_counts(expert_stats, sparsity), seed=seed
+        )
+        extra = {"criterion": criterion, "sparsity": sparsity}
+    else:
+        expert_plan, extra = ExpertPlan.from_json(plan), {}
+    path = api.prune_checkpoint(
+        model, expert_plan, out, max_shard_size=max_shard_size, overwrite=overwrite, progress=True, **extra
+    )
+    record = json.loads((path / "moeprune.json").read_text())
+    removed = sum(len(v) for v in record["removed"].values())
+    total = removed + sum(len(v) for v in record["kept"].values())
+    console.print(f"pruned {removed} of {total} routed experts (streamed) -> {path}")
+    return True
 
 
 @app.command()

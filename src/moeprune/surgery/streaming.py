@@ -100,7 +100,13 @@ def read_header(path: Path) -> dict[str, Stored]:
     base = 8 + size
     items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     return {
-        name: Stored(path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0], h["data_offsets"][1] - h["data_offsets"][0])
+        name: Stored(
+            path,
+            h["dtype"],
+            tuple(h["shape"]),
+            base + h["data_offsets"][0],
+            h["data_offsets"][1] - h["data_offsets"][0],
+        )
         for name, h in items
     }
 
@@ -210,7 +216,9 @@ class OnDiskLayout:
                 and self.in_memory_name(".".join(parts[:i] + [str(int(p) + 1)] + parts[i + 1 :]))[0] == target
             ]
             if len(found) != 1:
-                raise UnsupportedModelError(f"cannot tell which part of checkpoint key '{key}' is the expert id")
+                raise UnsupportedModelError(
+                    f"cannot tell which part of checkpoint key '{key}' is the expert id"
+                )
             self._positions[shape] = found[0]
         return self._positions[shape]
 
@@ -236,7 +244,9 @@ class Output:
         return n
 
 
-def _merge_spec(merges: MergeSpec, num_experts: dict[int, int]) -> dict[int, tuple[tuple[int, ...], torch.Tensor]]:
+def _merge_spec(
+    merges: MergeSpec, num_experts: dict[int, int]
+) -> dict[int, tuple[tuple[int, ...], torch.Tensor]]:
     out = {}
     for layer, merge in merges.items():
         anchors, weights = (merge.anchors, merge.weights) if hasattr(merge, "anchors") else merge
@@ -245,7 +255,9 @@ def _merge_spec(merges: MergeSpec, num_experts: dict[int, int]) -> dict[int, tup
         if int(layer) not in num_experts:
             raise MoepruneError(f"merge for layer {layer}, which is not an MoE layer")
         if list(anchors) != sorted(set(anchors)):
-            raise MoepruneError(f"layer {layer}: merge anchors must be sorted and distinct, got {list(anchors)}")
+            raise MoepruneError(
+                f"layer {layer}: merge anchors must be sorted and distinct, got {list(anchors)}"
+            )
         if tuple(weights.shape) != (len(anchors), num_experts[int(layer)]):
             raise MoepruneError(
                 f"layer {layer}: merging matrix of shape {tuple(weights.shape)}, expected "
@@ -322,7 +334,9 @@ class StreamingPrune:
                 if role.router:
                     raise UnsupportedModelError(f"per-expert router tensor '{key}' is not supported")
                 if not 0 <= role.expert < n:
-                    raise MoepruneError(f"checkpoint key '{key}' names expert {role.expert}, the layer has {n}")
+                    raise MoepruneError(
+                        f"checkpoint key '{key}' names expert {role.expert}, the layer has {n}"
+                    )
                 experts_of.setdefault(role.group, {})[role.expert] = key
                 out = self._per_expert(key, t, role)
                 if out is not None:
@@ -362,7 +376,9 @@ class StreamingPrune:
         keep = self.kept[role.layer]
         shape = t.shape[: role.dim] + (len(keep),) + t.shape[role.dim + 1 :]
         if role.router and self._fp8(key, t):
-            raise UnsupportedModelError(f"router tensor '{key}' is block-scaled FP8; moeprune cannot slice it")
+            raise UnsupportedModelError(
+                f"router tensor '{key}' is block-scaled FP8; moeprune cannot slice it"
+            )
         if not role.router and role.layer in self.merges:
             self._refuse_fp8_merge(key, t)
             weights = self.merges[role.layer][1]
@@ -495,7 +511,11 @@ def _write_shard(path: Path, outputs: Sequence[Output], fds: dict[Path, int], ba
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for o in outputs:
-        header[o.name] = {"dtype": o.dtype, "shape": list(o.shape), "data_offsets": [offset, offset + o.nbytes]}
+        header[o.name] = {
+            "dtype": o.dtype,
+            "shape": list(o.shape),
+            "data_offsets": [offset, offset + o.nbytes],
+        }
         offset += o.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
