@@ -35,13 +35,14 @@ def qwen3_moe_config(layers: int, experts: int, hidden: int, intermediate: int, 
 
 
 def write_synthetic_checkpoint(out: Path, config, *, shard_bytes: int, dtype=torch.bfloat16, seed=0) -> Path:
-    """Write `config` with random weights (N(0, 0.02); norms 1) to `out` in shards of at most
+    """Write `config` with random weights (windows of one N(0, 0.02) draw; norms 1) to `out` in shards of at most
     `shard_bytes`, with ``model.safetensors.index.json``; holds at most one shard in memory."""
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     shapes = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, model.state_dict()).items()}
     gen = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 24, generator=gen) * 0.02).to(dtype)  # values drawn once, reused
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, weight_map, names = 0, {}, []
 
@@ -60,8 +61,14 @@ def write_synthetic_checkpoint(out: Path, config, *, shard_bytes: int, dtype=tor
             size = 0
         if "norm" in key:
             tensor = torch.ones(shape, dtype=dtype)
-        else:
-            tensor = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        else:  # a random window of the pool (tiled when the tensor is larger)
+            n = torch.Size(shape).numel()
+            if n <= pool.numel():
+                start = int(torch.randint(0, pool.numel() - n + 1, (), generator=gen))
+                flat = pool[start : start + n]
+            else:
+                flat = pool.repeat(-(-n // pool.numel()))[:n]
+            tensor = flat.reshape(shape).clone()
         shards[-1][key] = tensor
         size += nbytes
     flush()

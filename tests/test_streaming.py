@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 import moeprune
@@ -400,6 +401,7 @@ CAPPED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~20 s: writes 600 MB, two fresh processes
 def test_prunes_a_checkpoint_larger_than_the_memory_cap(tmp_path):
     """A ~600 MB checkpoint, a process allowed 400 MB of address space beyond what importing moeprune
     takes: streaming prunes it; loading it in memory fails under the same cap."""
@@ -425,7 +427,7 @@ def test_prunes_a_checkpoint_larger_than_the_memory_cap(tmp_path):
     streamed = run("stream")
     assert streamed.returncode == 0, streamed.stderr[-2000:]
     out = tmp_path / "stream"
-    assert json.loads((out / "config.json").read_text())["num_experts"] == 32
+    assert AutoConfig.from_pretrained(out).num_experts == 32
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert 0.45 * size < written < 0.55 * size
     with safe_open(
@@ -440,3 +442,24 @@ def test_prunes_a_checkpoint_larger_than_the_memory_cap(tmp_path):
 
     in_memory = run("memory")
     assert in_memory.returncode != 0, "the cap must be too small for the in-memory path"
+
+
+def test_a_streamed_non_uniform_checkpoint_streams_again(tmp_path, inputs):
+    """Input already non-uniform (the resizable class, remote code): pruned again == in memory."""
+    model = tiny_model("qwen3_moe")
+    first = make_plan(model, uniform=False)
+    once = api.prune_checkpoint(
+        save_source(model, tmp_path / "src", "hub"), first, tmp_path / "once", max_shard_size=SHARD
+    )
+    again = {i: [0] for i in first}
+    twice = api.prune_checkpoint(once, again, tmp_path / "twice", max_shard_size=SHARD)
+    reference = load(once)
+    remove_experts_(reference, again)
+    reloaded = load(twice)
+    state = reference.state_dict()
+    assert sorted(reloaded.state_dict()) == sorted(state)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert (logits(reloaded, inputs) - logits(reference, inputs)).abs().max() <= TOL
+    assert AutoConfig.from_pretrained(twice).num_experts_per_layer == [5, 3, 5]
+    assert "Qwen3MoeForCausalLM" in (twice / "modeling_moeprune.py").read_text()
