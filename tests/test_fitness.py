@@ -218,6 +218,46 @@ def test_hidden_cache_evicts_low_scorers_first():
     assert cache.bytes <= 3 * 1024
 
 
+def test_hidden_cache_refuses_what_only_pending_entries_could_make_room_for():
+    from moeprune.fitness.evaluator import HiddenCache, PrefixState
+
+    cache = HiddenCache(max_bytes=3 * 1024)
+    for name in ("a", "b", "c", "d"):  # one candidate's entries, 1 KiB each, none settled yet
+        stored = cache.put((1, (name,)), PrefixState([torch.zeros(256)]))
+        assert stored == (name != "d") and cache.bytes <= 3 * 1024
+    cache.settle([(1, (n,)) for n in "abc"], 0.5)
+    assert cache.put((2, ("e",)), PrefixState([torch.zeros(256)]))  # now a settled entry makes room
+    assert len(cache) == 3 and cache.bytes == 3 * 1024
+
+
+@pytest.mark.parametrize("candidate_batch", [1, 3], ids=["one", "stacked"])
+def test_hidden_cache_never_exceeds_its_cap(mixtral, candidate_batch):
+    """A cap below one candidate's own entries: the cache stays under it, fitness is unchanged."""
+    s = search_set()
+    plans = [some_plan(mixtral, seed) for seed in (0, 1, 2, 0, 3)]
+    probe = CandidateEvaluator(mixtral, s, cache="sparse", top_k=8)
+    probe.evaluate(plans[0])
+    cap = probe.hidden.bytes // 2 + 1  # about half of one candidate's entries
+    ev = CandidateEvaluator(
+        mixtral, s, cache="sparse", top_k=8, cache_bytes=cap, candidate_batch=candidate_batch
+    )
+    put, peak = ev.hidden.put, [0]
+
+    def checked_put(key, states):
+        stored = put(key, states)
+        held = sum(state.nbytes() for state in ev.hidden._items.values())
+        assert ev.hidden.bytes == held <= cap
+        peak[0] = max(peak[0], held)
+        return stored
+
+    ev.hidden.put = checked_put
+    got = ev.evaluate_many(plans)
+    ref = CandidateEvaluator(mixtral, s, cache="sparse", top_k=8, reuse=False)
+    assert 0 < peak[0] <= cap
+    for g, p in zip(got, plans, strict=True):
+        assert g.value == pytest.approx(ref.evaluate(p).value, abs=1e-5)
+
+
 @pytest.mark.parametrize("family", REPLAY_FAMILIES)
 def test_stacked_candidates_equal_one_at_a_time(family):
     """evaluate_many with candidate_batch 3 == evaluate, including candidates that restart from

@@ -47,6 +47,7 @@ __all__ = [
     "save",
     "search",
     "search_set",
+    "stream_prune",
 ]
 
 
@@ -263,12 +264,27 @@ def eep_merge(model, search_data, anchors: ExpertPlan, *, cache="sparse", top_k=
     return merge_into_anchors(model, _teacher(model, search_data, cache, top_k, teacher), anchors, **options)
 
 
-def save(
-    model, out_dir, *, source, kept, num_experts, tokenizer=None, overwrite=False, extra_files=None, **extra
-):
+def stream_prune(source, plan, out_dir, *, merges=None, max_shard_size=None, overwrite=False, progress=False, **extra):  # fmt: skip
+    """Streaming surgery: rewrite the safetensors checkpoint `source` (a directory, or a hub id in the
+    local cache) into a pruned one at `out_dir`, tensor by tensor, without building the model. `plan`
+    says which experts go; or `merges` ({layer: (anchors, M (k, E))} or EEP `LayerMerge`s) write
+    Σ_i M[j, i] W_i into each anchor j. Shards are at most `max_shard_size` (default: the input's
+    largest). The same checkpoint as `prune` + `save`; `extra` goes into ``moeprune.json``."""
+    from .surgery.streaming import StreamingPrune
+
+    rewrite = StreamingPrune(source, plan, merges=merges)
+    return save_checkpoint(
+        rewrite.model, out_dir, source=source, kept=rewrite.kept, num_experts=rewrite.num_experts,
+        overwrite=overwrite, record={"plan": rewrite.plan.to_dict(), **extra}, rewrite=rewrite,
+        max_shard_size=max_shard_size, progress=progress,
+    )  # fmt: skip
+
+
+def save(model, out_dir, *, source, kept, num_experts, tokenizer=None, overwrite=False, extra_files=None,
+         max_shard_size=None, **extra):  # fmt: skip
     """Write the pruned `model`, tokenizer, ``moeprune.json`` (with `extra`), the model card and
-    `extra_files` ({name: text}) atomically to `out_dir`."""
+    `extra_files` ({name: text}) atomically to `out_dir`; weights above `max_shard_size` are sharded."""
     return save_checkpoint(
         model, out_dir, source=source, kept=kept, num_experts=num_experts, tokenizer=tokenizer,
-        overwrite=overwrite, record=extra, files=extra_files,
+        overwrite=overwrite, record=extra, files=extra_files, max_shard_size=max_shard_size,
     )  # fmt: skip

@@ -108,8 +108,10 @@ def prune(
     overwrite: Overwrite = False, criterion: Criterion = None, sparsity: Sparsity = None, data: Data = None,
     text_field: TextField = "text", stats: Stats = None, num_samples: Samples = 128, seq_len: SeqLen = 512,
     seed: Seed = 0, device: Device = "cpu",
+    mode: Annotated[str, opt("--mode", "auto | stream (rewrite the safetensors tensor by tensor) | memory.")] = "auto",
+    max_shard_size: Annotated[str | None, opt("--max-shard-size", "Largest weight file, e.g. 5GB.")] = None,
 ) -> None:  # fmt: skip
-    """Remove experts from MODEL and write a smaller checkpoint to --out."""
+    """Remove experts from MODEL and write a smaller checkpoint to --out (streamed when it can be)."""
     if plan is None and criterion is None:
         raise MoepruneError(
             "say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE"
@@ -130,7 +132,8 @@ def prune(
         else {"criterion": criterion, "sparsity": sparsity, "stats": stats}
     )
     r = _build(
-        "plan" if plan is not None else "uniform", model, out, seed=seed, device=device,
+        "plan" if plan is not None else "uniform", model, out, seed=seed, device=device, mode=mode,
+        max_shard_size=max_shard_size,
         data=_data(data, text_field, num_samples, seq_len), **fields,
     )  # fmt: skip
     _execute(r, overwrite=overwrite)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,6 +129,8 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's)
+    mode: Literal["auto", "stream", "memory"] = "auto"  # surgery: streamed from the checkpoint or in memory
+    max_shard_size: str | None = None  # e.g. 5GB; default: the input's largest shard (stream), 5GB (memory)
 
     @field_validator("allocation")
     @classmethod
@@ -181,6 +183,13 @@ class Recipe(_Strict):
             raise ValueError(f"allocation '{a}' needs search data (search: {{data: {{data: FILE}}}})")
         if self.eep is not None and a != "eep":
             raise ValueError("an eep section needs allocation: eep")
+        if self.mode == "stream" and (
+            a not in ("plan", "uniform") or self.calibration is not None or self.evaluate
+        ):
+            raise ValueError(
+                "mode stream needs a plan known without running the model: a plan file, or a criterion with "
+                "saved stats, and no evaluation"
+            )
         ev = self.evaluate
         if ev is not None and ev.suite is None and not ev.lm_eval and ev.heldout is None:
             raise ValueError("evaluate needs a suite, lm_eval tasks or heldout data")

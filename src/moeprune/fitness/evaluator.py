@@ -104,7 +104,9 @@ class HiddenCache:
     Every entry carries the best search score of the evaluated plans that ran through it. Evolution
     only mutates its elites, so the prefixes of high-scoring plans are the ones that later candidates
     share; dropping low scorers first keeps them (ties, and entries of unscored runs, go least
-    recently used first). Entries of the candidate being evaluated cannot be evicted until `settle`.
+    recently used first). Entries of the candidate being evaluated cannot be evicted until `settle`;
+    the cache never holds more than `max_bytes`: an entry that fits only by evicting pending ones is
+    not stored (that candidate runs on without caching it).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -123,20 +125,23 @@ class HiddenCache:
             self._items.move_to_end(key)
         return state
 
-    def put(self, key: PrefixKey, states: PrefixState) -> None:
-        """Add a pending entry (score +inf until `settle`)."""
+    def put(self, key: PrefixKey, states: PrefixState) -> bool:
+        """Add a pending entry (score +inf until `settle`), evicting settled entries (lowest score,
+        then least recently used, first) to make room; False when it is not stored."""
         size = self._size(states)
         if key in self._items or size > self.max_bytes:
-            return
+            return False
+        while self.bytes + size > self.max_bytes:
+            settled = [k for k in self._items if self._scores[k] != math.inf]  # LRU order
+            if not settled:
+                return False  # only pending entries left: the cap holds, this one is not cached
+            victim = min(settled, key=self._scores.__getitem__)
+            self.bytes -= self._size(self._items.pop(victim))
+            del self._scores[victim]
         self._items[key] = states
         self._scores[key] = math.inf
         self.bytes += size
-        while self.bytes > self.max_bytes:
-            victim = min(self._items, key=self._scores.__getitem__)
-            if self._scores[victim] == math.inf:
-                break  # only pending entries left
-            self.bytes -= self._size(self._items.pop(victim))
-            del self._scores[victim]
+        return True
 
     def settle(self, keys: list[PrefixKey], score: float | None) -> None:
         """Record that a plan scoring `score` (None: not scored) ran through `keys`."""

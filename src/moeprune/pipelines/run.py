@@ -69,11 +69,17 @@ def _evaluate(ctx: RunContext, model, plan: ExpertPlan | None, heldout: Candidat
 
 def save_checkpoint(
     model, out, *, source, kept, num_experts, tokenizer=None, overwrite=False, record=None, files=None,
-    card_plot=None, evaluation=None, source_dtype=None,
+    card_plot=None, evaluation=None, source_dtype=None, max_shard_size=None, rewrite=None, progress=False,
 ) -> Path:  # fmt: skip
     """Write the pruned `model` with ``moeprune.json``, the model card and `files`, atomically; the
-    weights in `source_dtype` (the input checkpoint's) when the run computed in another dtype."""
-    if isinstance(source_dtype, torch.dtype) and next(model.parameters()).dtype != source_dtype:
+    weights in `source_dtype` (the input checkpoint's) when the run computed in another dtype. With a
+    `rewrite` (`surgery.streaming.StreamingPrune`), `model` is its pruned meta-device skeleton and
+    the weights are streamed from the input checkpoint."""
+    if (
+        isinstance(source_dtype, torch.dtype)
+        and rewrite is None
+        and next(model.parameters()).dtype != source_dtype
+    ):
         model.to(source_dtype)
     info = manifest(source, kept, num_experts, family=family_of(model.config).model_type, **(record or {}))
     table = None
@@ -89,7 +95,38 @@ def save_checkpoint(
         evaluation=table,
     )
     files = {"README.md": card, **(files or {})}
-    return save_pruned(model, out, manifest=info, tokenizer=tokenizer, overwrite=overwrite, files=files)
+    if rewrite is not None:
+        return rewrite.write(
+            out,
+            manifest=info,
+            files=files,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return save_pruned(
+        model, out, manifest=info, tokenizer=tokenizer, overwrite=overwrite, files=files, **shards
+    )
+
+
+def _streaming(ctx: RunContext, choice: Choice):
+    """A `StreamingPrune` of the input checkpoint when the weights need not be loaded (``mode``:
+    auto streams a local safetensors checkpoint whose plan was chosen without the model), else None."""
+    from ..errors import MoepruneError
+    from ..surgery.streaming import StreamingPrune, local_checkpoint
+
+    spec = ctx.spec
+    if spec.mode == "memory" or ctx.model_loaded or choice.active_experts is not None:
+        return None
+    if local_checkpoint(ctx.source) is None:
+        if spec.mode == "stream":
+            raise MoepruneError(
+                f"mode stream needs a local safetensors checkpoint (a directory or a cached hub id), not '{ctx.source}'"
+            )
+        return None
+    plan = choice.plan if choice.merges is None else None
+    return StreamingPrune(ctx.source, plan, merges=choice.merges)
 
 
 def run(
@@ -100,7 +137,19 @@ def run(
     spec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
     ctx = RunContext(spec, overwrite=overwrite, resume=resume, progress=progress)
     choice = PIPELINES.get(spec.allocation)(ctx)
-    model, ev = ctx.model, spec.evaluate
+    ev = spec.evaluate
+    files = dict(choice.files) | {"recipe.yaml": spec.to_yaml()}
+    record = choice.record | {"recipe": spec.model_dump(exclude_none=True)}
+    rewrite = _streaming(ctx, choice) if ev is None else None
+    if rewrite is not None:
+        out = save_checkpoint(
+            rewrite.model, ctx.out, source=ctx.source, kept=rewrite.kept, num_experts=ctx.num_experts,
+            overwrite=ctx.overwrite, record=record | {"surgery": "streamed"}, files=files,
+            max_shard_size=spec.max_shard_size, rewrite=rewrite, progress=ctx.progress,
+        )  # fmt: skip
+        ctx.clean_up()
+        return RunResult(out, choice, rewrite.kept, ctx.num_experts, None, time.perf_counter() - t0)
+    model = ctx.model
     columns: dict[str, dict] = {}
     heldout = None
     if ev is not None:
@@ -115,16 +164,14 @@ def run(
     kept = apply_choice(model, choice)
     if ev is not None:
         columns[choice.label] = _evaluate(ctx, model, None, heldout)
-    files = dict(choice.files) | {"recipe.yaml": spec.to_yaml()}
     if columns:
         files["evaluation.json"] = (
             json.dumps(columns if ev.baselines else columns[choice.label], indent=1, default=str) + "\n"
         )
     out = save_checkpoint(
         model, ctx.out, source=ctx.source, kept=kept, num_experts=ctx.num_experts, tokenizer=ctx.tokenizer,
-        overwrite=ctx.overwrite, record=choice.record | {"recipe": spec.model_dump(exclude_none=True)},
-        files=files, card_plot=choice.card_plot, evaluation=columns or None,
-        source_dtype=getattr(ctx.skeleton.config, "dtype", None),
+        overwrite=ctx.overwrite, record=record, files=files, card_plot=choice.card_plot, evaluation=columns or None,
+        source_dtype=getattr(ctx.skeleton.config, "dtype", None), max_shard_size=spec.max_shard_size,
     )  # fmt: skip
     ctx.clean_up()
     return RunResult(out, choice, kept, ctx.num_experts, columns or None, time.perf_counter() - t0)

@@ -19,7 +19,33 @@ from ..errors import MoepruneError, UnsupportedModelError
 from . import slicing
 
 MANIFEST = "moeprune.json"
+CARD = "README.md"
 REMOTE_CODE_FILE = "modeling_moeprune.py"
+# Largest weight file `save_pruned` writes; bigger checkpoints are sharded with an index (the hub's
+# usual shard size; transformers' own default, 50GB, makes shards too large to download in pieces).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def shard_bytes(max_shard_size: int | str) -> int:
+    """``"200MB"`` (10**6), ``"2GiB"`` (2**30) or a byte count -> bytes, as transformers reads it."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise MoepruneError(
+            f"max shard size '{max_shard_size}' is not a positive size such as 5GB, 200MB or 2GiB"
+        )
+    return size
+
+
+def _normal_permissions(path: Path) -> None:
+    """Give a `tempfile.mkdtemp` directory (mode 0700) the mode a plain ``mkdir`` would get."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -38,6 +64,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool, write: Callable[[Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        _normal_permissions(tmp)
         write(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -51,8 +78,8 @@ def atomic_directory(out_dir: str | Path, overwrite: bool, write: Callable[[Path
 
 
 def remote_code_source(model: PreTrainedModel) -> str:
-    """``modeling_moeprune.py``: the slicing module plus the family's base class and spec."""
-    base = type(model)
+    """``modeling_moeprune.py``: the slicing module plus the family's stock class and spec."""
+    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model.config), type(model))
     spec = family_of(model.config).slicing_spec()
     return (
         inspect.getsource(slicing)
@@ -76,24 +103,45 @@ def save_pruned(
     tokenizer=None,
     overwrite: bool = False,
     files: dict[str, str | bytes] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Save `model` (already pruned in place) with its tokenizer, `moeprune.json` and `files`
-    ({name: text or bytes}: model card, run files, plots), atomically.
+    ({name: text or bytes}: model card, run files, plots), atomically. Weights above `max_shard_size`
+    are sharded with a ``model.safetensors.index.json``."""
+    size = shard_bytes(max_shard_size)
 
-    Non-uniform expert counts add ``auto_map`` + ``modeling_moeprune.py`` so that
-    ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the checkpoint.
-    """
+    def weights(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_checkpoint(model, out_dir, weights, manifest=manifest, overwrite=overwrite, files=files)
+
+
+def write_checkpoint(
+    model: PreTrainedModel,
+    out_dir: str | Path,
+    write_weights: Callable[[Path], None],
+    *,
+    manifest: dict,
+    overwrite: bool = False,
+    files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """The one way a pruned checkpoint is written, atomically: ``write_weights(tmp)`` writes weights,
+    config and tokenizer (from the pruned `model`: in memory, or a meta-device skeleton pruned the same
+    way when the weights are streamed); then ``modeling_moeprune.py`` for non-uniform counts (so that
+    ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it), ``moeprune.json``
+    and `files` ({name: text or bytes})."""
     non_uniform = is_non_uniform(model)
 
     def write(tmp: Path) -> None:
         if non_uniform:
             model.config.auto_map = {"AutoModelForCausalLM": "modeling_moeprune.MoepruneForCausalLM"}
-            (tmp / REMOTE_CODE_FILE).write_text(remote_code_source(model))
         elif hasattr(model.config, "auto_map"):
             del model.config.auto_map
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_weights(tmp)
+        if non_uniform:
+            (tmp / REMOTE_CODE_FILE).write_text(remote_code_source(model))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         for name, content in (files or {}).items():
             (tmp / name).write_bytes(content) if isinstance(content, bytes) else (tmp / name).write_text(
