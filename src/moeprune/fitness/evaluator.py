@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import moe_layers
+from ..errors import UnsupportedModelError
 from ..surgery import ExpertPlan, mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
@@ -189,8 +190,8 @@ class CandidateEvaluator:
         self.replay_fallback: str | None = None  # why layer replay is off for this model, if it is
         try:
             self.replay: LayerReplay | None = LayerReplay(model)
-        except (AttributeError, TypeError) as e:
-            self.replay, self.replay_fallback = None, f"no layers/norm/head to replay ({e})"
+        except UnsupportedModelError as e:  # the family's stack is more than layers -> norm -> head
+            self.replay, self.replay_fallback = None, str(e)
             full_forward = True
         self.reuse = reuse and not full_forward
         self.full_forward = full_forward
