@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import remove_hook_from_module
 from transformers import AutoModelForCausalLM
 
 from moeprune.arch import moe_layers
@@ -36,26 +38,42 @@ def device_map(model) -> dict[str, str]:
     return mapping
 
 
+def load_offloaded(path, model, folder, mixed: bool):
+    """`path` reloaded with `device_map`; ``mixed``: layer 1 instead CPU-offloaded by accelerate's
+    `cpu_offload` with its MoE block preloaded whole (weights in a CPU dict, one hook for the block)."""
+    mapping = device_map(model)
+    if mixed:
+        mapping["model.layers.1"] = "cpu"
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map=mapping, offload_folder=str(folder)
+    ).eval()
+    if mixed:
+        block = type(moe_layers(offloaded)[0].block).__name__
+        remove_hook_from_module(
+            offloaded.model.layers[1], recurse=True
+        )  # one hook per module, as dispatch does
+        cpu_offload(offloaded.model.layers[1], torch.device("cpu"), preload_module_classes=[block])
+    return offloaded
+
+
+MODES = ["disk", "mixed"]  # layers 1.. on disk | layer 1 CPU-offloaded (block preloaded), 2.. on disk
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """(in-memory model, the same checkpoint dispatched with disk offload) per family."""
+    """(in-memory model, the same checkpoint dispatched with offload) per family and mode."""
     cache = {}
 
-    def make(family: str):
-        if family not in cache:
+    def make(family: str, mode: str = "disk"):
+        if (family, mode) not in cache:
             path = tmp_path_factory.mktemp(f"offload-{family}")
             tiny_model(family).save_pretrained(path / "model")
             memory = AutoModelForCausalLM.from_pretrained(path / "model", dtype=torch.float32).eval()
-            offloaded = AutoModelForCausalLM.from_pretrained(
-                path / "model",
-                dtype=torch.float32,
-                device_map=device_map(memory),
-                offload_folder=str(path / "offload"),
-            ).eval()
+            offloaded = load_offloaded(path / "model", memory, path / "offload", mode == "mixed")
             assert is_offloaded(offloaded) and not is_offloaded(memory)
             assert any(la.router.weight.is_meta for la in moe_layers(offloaded)), "a router must be offloaded"
-            cache[family] = memory, offloaded
-        return cache[family]
+            cache[family, mode] = memory, offloaded
+        return cache[family, mode]
 
     return make
 
@@ -87,15 +105,17 @@ def plan_for(model) -> dict[int, list[int]]:
     return plan
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", OFFLOAD_FAMILIES)
-def test_offloaded_model_computes_what_the_model_in_memory_does(family, pair, ids):
-    memory, offloaded = pair(family)
+def test_offloaded_model_computes_what_the_model_in_memory_does(family, mode, pair, ids):
+    memory, offloaded = pair(family, mode)
     torch.testing.assert_close(logits(offloaded, ids), logits(memory, ids), rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", OFFLOAD_FAMILIES)
-def test_observe_leaves_offload_hooks_and_logits_intact(family, pair, ids):
-    memory, offloaded = pair(family)
+def test_observe_leaves_offload_hooks_and_logits_intact(family, mode, pair, ids):
+    memory, offloaded = pair(family, mode)
     before, hooks = logits(offloaded, ids), hook_state(offloaded)
     n_hooks = sum(h is not None for _, h, _, _ in hooks)
     data = tokens()
@@ -110,9 +130,10 @@ def test_observe_leaves_offload_hooks_and_logits_intact(family, pair, ids):
         torch.testing.assert_close(got.dense_err, want.layers[index].dense_err, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", OFFLOAD_FAMILIES)
-def test_masked_logits_and_esap_equal_in_memory(family, pair, ids):
-    memory, offloaded = pair(family)
+def test_masked_logits_and_esap_equal_in_memory(family, mode, pair, ids):
+    memory, offloaded = pair(family, mode)
     plan = plan_for(memory)
     full, hooks = logits(offloaded, ids), hook_state(offloaded)
     with mask_experts(memory, plan):
@@ -138,9 +159,10 @@ def test_masked_logits_and_esap_equal_in_memory(family, pair, ids):
     assert hook_state(offloaded) == hooks
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_merged_weights_and_fewer_active_experts_under_offload(family, pair, ids):
-    memory, offloaded = pair(family)
+def test_merged_weights_and_fewer_active_experts_under_offload(family, mode, pair, ids):
+    memory, offloaded = pair(family, mode)
     full, hooks = logits(offloaded, ids), hook_state(offloaded)
     merge = {}
     for la in moe_layers(memory):
@@ -162,16 +184,12 @@ def test_merged_weights_and_fewer_active_experts_under_offload(family, pair, ids
     torch.testing.assert_close(logits(offloaded, ids), full, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", OFFLOAD_FAMILIES)
-def test_prune_and_save_under_offload_reload_to_masked_logits(family, tmp_path, ids):
+def test_prune_and_save_under_offload_reload_to_masked_logits(family, mode, tmp_path, ids):
     memory = tiny_model(family)
     memory.save_pretrained(tmp_path / "model")
-    offloaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "model",
-        dtype=torch.float32,
-        device_map=device_map(memory),
-        offload_folder=str(tmp_path / "off"),
-    ).eval()
+    offloaded = load_offloaded(tmp_path / "model", memory, tmp_path / "off", mode == "mixed")
     plan = plan_for(memory)
     with mask_experts(memory, plan):
         masked = logits(memory, ids)

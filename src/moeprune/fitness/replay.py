@@ -131,7 +131,8 @@ class LayerReplay:
                 f"{family.model_type}: no final norm module at '{family.final_norm}' ({type(model).__name__})"
             )
         self.lm_head: nn.Module = model.get_output_embeddings()
-        scale = getattr(model.config.get_text_config(), family.logits_scaling or "", None)
+        text = model.config.get_text_config()
+        scale = getattr(text, family.logits_scaling, None) if family.logits_scaling else None
         self.logits_scale: float | None = None if scale is None else float(scale)
         self.attention_names: list[str | None] = [
             attention_name(family, i, layer) for i, layer in enumerate(self.layers)
@@ -158,15 +159,10 @@ class LayerReplay:
 
             return hook
 
-        handles = [
-            layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-            for i, layer in enumerate(self.layers)
-        ]
-        try:
+        with Patches() as patches:
+            for i, layer in enumerate(self.layers):
+                patches.forward_pre_hook(layer, make_hook(i), with_kwargs=True)
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         if any(c is None for c in calls):
             raise RuntimeError("not every decoder layer was called by the model's forward; cannot replay it")
         return BatchRecord(layer0_input=first[0], calls=calls, logits=out.logits)  # type: ignore[arg-type]

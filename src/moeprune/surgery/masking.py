@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..arch import MoELayer, get_path, moe_layers
-from ..arch.patching import Patches, onloaded
+from ..arch.patching import Patches, offloaded_source, onloaded
 from ..errors import MoepruneError
 from .plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
@@ -82,12 +82,22 @@ def sliced_router(layer: MoELayer, keep: list[int]) -> nn.Module:
     }
     with onloaded(layer.router) as router:
         clone = _shallow_clone(router)
-    meta = [n for n, t in [*clone.named_parameters(), *clone.named_buffers()] if t.is_meta]
-    if meta:
-        raise MoepruneError(
-            f"layer {layer.index}: router tensor(s) {', '.join(meta)} are offloaded by an accelerate hook "
-            "above the router; load the model with a device_map that places whole decoder layers"
-        )
+    for name, tensor in [*clone.named_parameters(), *clone.named_buffers()]:
+        if tensor.is_meta:  # offloaded by a hook above the router (one that places the whole block)
+            source = offloaded_source(layer.block, f"{layer.family.router_attr}.{name}")
+            if source is None:
+                raise MoepruneError(
+                    f"layer {layer.index}: router tensor '{name}' is offloaded by an accelerate hook above "
+                    "the MoE block; load the model with a device_map that places whole decoder layers"
+                )
+            hook, key = source
+            real = hook.weights_map[key].to(hook.execution_device)  # type: ignore[attr-defined]
+            owner, _, leaf = name.rpartition(".")
+            parent = get_path(clone, owner) if owner else clone
+            if isinstance(tensor, nn.Parameter):
+                parent._parameters[leaf] = nn.Parameter(real, requires_grad=tensor.requires_grad)
+            else:
+                parent._buffers[leaf] = real
     slice_block_(clone, keep, spec)
     return clone
 
