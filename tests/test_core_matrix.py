@@ -10,15 +10,50 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeprune
 from moeprune.arch import FAMILIES as REGISTERED
-from moeprune.arch import moe_layers
+from moeprune.arch import attention_name, family_of, get_path, moe_layers
 from moeprune.surgery import ExpertPlan, load, mask_experts, remove_experts_, save_pruned
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, REPLAY_FALLBACK_OVERRIDES, tiny_model
 
 TOL = 1e-5
 
 
 def test_every_registered_family_is_in_the_matrix():
     assert sorted(REGISTERED) == sorted(FAMILIES)
+
+
+# every attribute name under which some transformers MoE module keeps its number of active experts
+TOP_K_NAMES = {"top_k", "num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_declared_architecture_paths_exist(family):
+    """The family entry's decoder-stack facts hold on the tiny model: attention sub-module, final norm,
+    logits scaling key, and top-k attributes (all of them, equal to the config's top-k)."""
+    model = tiny_model(family)
+    fam = family_of(model.config)
+    text = model.config.get_text_config()
+    k = getattr(text, fam.top_k_key)
+    for layer in moe_layers(model):
+        assert layer.top_k == k
+        for path in fam.top_k_attrs:
+            assert get_path(layer.block, path) == k, path
+        held = {
+            f"{name}.{attr}" if name else attr
+            for name, module in layer.block.named_modules()
+            for attr, value in vars(module).items()
+            if attr in TOP_K_NAMES and isinstance(value, int)
+        }
+        assert held <= set(fam.top_k_attrs), f"undeclared top-k attributes: {held - set(fam.top_k_attrs)}"
+    for i, decoder_layer in enumerate(get_path(model, fam.layers_path)):
+        name = attention_name(fam, i, decoder_layer)  # raises for a layer holding none / several
+        assert (name is None) == (not fam.attention_attrs)
+    if fam.final_norm is None:
+        assert fam.replay_unsupported, "a family without a final norm path must say why it cannot be replayed"
+    else:
+        assert isinstance(get_path(model, fam.final_norm), torch.nn.Module)
+    if fam.logits_scaling is not None:
+        assert hasattr(text, fam.logits_scaling)
+    assert (fam.replay_unsupported is not None) == (family in REPLAY_FALLBACK_OVERRIDES)
 
 
 def make_plan(model, uniform: bool, seed: int = 1) -> dict[int, list[int]]:

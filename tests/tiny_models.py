@@ -486,11 +486,6 @@ OVERRIDES: dict[str, dict] = {
         per_layer_config={},
         num_kv_shared_layers=0,
     ),
-}
-
-# Families whose decoder stack the fitness layer replay cannot reproduce (it falls back to a full
-# forward for them); otherwise like the others.
-REPLAY_FALLBACK_OVERRIDES: dict[str, dict] = {
     "beam": dict(
         num_experts=8,
         num_experts_per_tok=2,
@@ -511,6 +506,46 @@ REPLAY_FALLBACK_OVERRIDES: dict[str, dict] = {
         mlp_layer_types=["sparse", "sparse", "sparse"],
         sliding_window=16,
     ),
+    "jamba": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_expand=2,
+        mamba_dt_rank=4,
+        num_hidden_layers=4,
+    ),
+    "lfm2_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        num_dense_layers=1,
+        use_expert_bias=True,
+        layer_types=["conv", "full_attention", "conv"],
+    ),
+    "nemotron_h": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=40,
+        n_group=2,
+        topk_group=1,
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+        num_hidden_layers=4,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=1,
+        ssm_state_size=8,
+        mtp_layers_block_type=[],
+    ),
+}
+
+# Families whose decoder stack the fitness layer replay cannot reproduce (it falls back to a full
+# forward for them); otherwise like the others.
+REPLAY_FALLBACK_OVERRIDES: dict[str, dict] = {
     "hy_v4": dict(
         n_routed_experts=8,
         num_experts_per_tok=2,
@@ -549,41 +584,6 @@ REPLAY_FALLBACK_OVERRIDES: dict[str, dict] = {
         route_scale=2.0,
         swa_head_dim=8,
         n_layers_per_attn_res_block=1,
-    ),
-    "jamba": dict(
-        num_experts=8,
-        num_experts_per_tok=2,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        mamba_d_state=8,
-        mamba_expand=2,
-        mamba_dt_rank=4,
-        num_hidden_layers=4,
-    ),
-    "lfm2_moe": dict(
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        num_dense_layers=1,
-        use_expert_bias=True,
-        layer_types=["conv", "full_attention", "conv"],
-    ),
-    "nemotron_h": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
-        n_group=2,
-        topk_group=1,
-        layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
-        num_hidden_layers=4,
-        mamba_num_heads=4,
-        mamba_head_dim=8,
-        n_groups=1,
-        ssm_state_size=8,
-        mtp_layers_block_type=[],
     ),
     "qwen4_exp_text": dict(
         num_experts=8,

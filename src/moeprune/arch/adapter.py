@@ -78,8 +78,15 @@ class MoELayer:
 
     @property
     def top_k(self) -> int:
-        k = getattr(self.router, "top_k", None)
-        return int(k if k is not None else self.config_top_k)
+        """Experts each token is routed to: the first of the family's ``top_k_attrs`` (the config's
+        value for families that read it at every forward)."""
+        if self.family.top_k_attrs:
+            return int(get_path(self.block, self.family.top_k_attrs[0]))  # type: ignore[arg-type]
+        if self.config_top_k is None:
+            raise UnsupportedModelError(
+                f"{self.family.model_type}: the config has no '{self.family.top_k_key}' (experts per token)"
+            )
+        return int(self.config_top_k)
 
     @property
     def num_groups(self) -> int:
@@ -135,6 +142,20 @@ def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
             "the model has no MoE layers to prune"
         )
     return found
+
+
+def attention_name(family: MoEFamily, index: int, layer: nn.Module) -> str | None:
+    """The family's token-mixing sub-module that decoder layer `index` holds (None when the family
+    declares none); a layer that holds none or several of the declared names is an unknown layout."""
+    if not family.attention_attrs:
+        return None
+    found = [a for a in family.attention_attrs if isinstance(getattr(layer, a, None), nn.Module)]
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"{family.model_type}: decoder layer {index} ({type(layer).__name__}) holds "
+            f"{found or 'none'} of the attention sub-modules {list(family.attention_attrs)} the family declares"
+        )
+    return found[0]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

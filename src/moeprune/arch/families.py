@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .family import MoEFamily
 
 _SOFTMAX_TOPK = "softmax over all experts, top-k"
@@ -41,6 +43,7 @@ _TABLE: dict[str, MoEFamily] = {
     for f in [
         MoEFamily(
             model_type="mixtral",
+            top_k_attrs=("gate.top_k", "top_k"),
             block_classes=("MixtralSparseMoeBlock",),
             block_attr="mlp",
             router_attr="gate",
@@ -134,6 +137,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="granitemoe",
+            logits_scaling="logits_scaling",
             block_classes=("GraniteMoeMoE",),
             block_attr="block_sparse_moe",
             router_attr="router",
@@ -145,6 +149,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="phimoe",
+            top_k_attrs=("router.top_k", "top_k"),
             block_classes=("PhimoeSparseMoeBlock",),
             block_attr="mlp",
             router_attr="router",
@@ -157,6 +162,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="ernie4_5_moe",
+            top_k_attrs=("gate.top_k", "top_k"),
             block_classes=("Ernie4_5_MoeSparseMoeBlock",),
             block_attr="mlp",
             router_attr="gate",
@@ -169,6 +175,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="llama4_text",
+            top_k_attrs=("router.top_k", "top_k"),
             block_classes=("Llama4TextMoe",),
             block_attr="feed_forward",
             router_attr="router",
@@ -219,6 +226,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="minimax",
+            top_k_attrs=("gate.top_k", "top_k"),
             block_classes=("MiniMaxSparseMoeBlock",),
             block_attr="mlp",
             router_attr="gate",
@@ -228,6 +236,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="minimax_m2",
+            top_k_attrs=("gate.top_k", "top_k"),
             block_classes=("MiniMaxM2SparseMoeBlock",),
             block_attr="mlp",
             router_attr="gate",
@@ -249,6 +258,8 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="cohere2_moe",
+            logits_scaling="logit_scale",
+            logits_op="multiply",
             block_classes=("Cohere2MoeSparseMoeBlock",),
             block_attr="mlp",
             router_attr="gate",
@@ -259,6 +270,8 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="lfm2_moe",
+            attention_attrs=("self_attn", "conv"),
+            final_norm="model.embedding_norm",
             block_classes=("Lfm2MoeSparseMoeBlock",),
             block_attr="feed_forward",
             router_attr="gate",
@@ -283,6 +296,7 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="hy_v3",
+            top_k_attrs=("gate.top_k", "top_k"),
             block_classes=("HYV3MoE",),
             block_attr="mlp",
             router_attr="gate",
@@ -391,6 +405,9 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="jamba",
+            top_k_attrs=("router.top_k", "top_k"),
+            attention_attrs=("self_attn", "mamba"),
+            final_norm="model.final_layernorm",
             block_classes=("JambaSparseMoeBlock",),
             block_attr="feed_forward",
             router_attr="router",
@@ -562,6 +579,8 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="nemotron_h",
+            attention_attrs=(),  # every layer is one mixer: mamba, attention, MLP or the MoE block
+            final_norm="model.norm_f",
             block_classes=("NemotronHMoE",),
             block_attr="mixer",
             router_attr="gate",
@@ -575,6 +594,9 @@ _TABLE: dict[str, MoEFamily] = {
         ),
         MoEFamily(
             model_type="gemma4_text",
+            top_k_attrs=(),  # the router reads config.top_k_experts at every forward
+            logits_scaling="final_logit_softcapping",
+            logits_op="softcap",
             block_classes=("Gemma4TextDecoderLayer",),
             block_attr="",  # the decoder layer holds router + experts next to its dense MLP
             router_attr="router",
@@ -589,4 +611,36 @@ _TABLE: dict[str, MoEFamily] = {
     ]
 }
 
-FAMILIES: dict[str, MoEFamily] = dict(sorted(_TABLE.items()))
+_GATED_DELTANET = ("self_attn", "linear_attn")  # full attention or gated delta-net, by layer type
+_SOFTCAP = dict(logits_scaling="final_logit_softcapping", logits_op="softcap")
+_GRANITE = dict(logits_scaling="logits_scaling")  # logits / config.logits_scaling
+
+# Decoder-stack facts of the entries built by the shared constructors above.
+_STACK: dict[str, dict] = {
+    "qwen3_next": dict(attention_attrs=_GATED_DELTANET),
+    "qwen3_5_moe_text": dict(attention_attrs=_GATED_DELTANET),
+    "lara_mini": dict(attention_attrs=_GATED_DELTANET),
+    "qwen4_exp_text": dict(
+        attention_attrs=_GATED_DELTANET,
+        final_norm=None,
+        replay_unsupported="a hyper-connection mixer (model.hyper_connection_mixer) feeds lm_head",
+    ),
+    "granitemoeshared": _GRANITE,
+    "granitemoe_swa": _GRANITE,
+    "granitemoehybrid": dict(**_GRANITE, attention_attrs=("self_attn", "mamba")),
+    "beam": _SOFTCAP,
+    "inkling2_text": dict(
+        **_SOFTCAP,
+        replay_unsupported="block attention residuals: each layer reads the outputs of all earlier blocks",
+    ),
+    "inkling2_loop_text": dict(
+        **_SOFTCAP,
+        replay_unsupported="block attention residuals: each layer reads the outputs of all earlier blocks",
+    ),
+    "hy_v4": dict(replay_unsupported="a hyper-connection head (model.hc_head) runs before the final norm"),
+}
+assert set(_STACK) <= set(_TABLE), set(_STACK) - set(_TABLE)
+
+FAMILIES: dict[str, MoEFamily] = {
+    name: replace(family, **_STACK.get(name, {})) for name, family in sorted(_TABLE.items())
+}

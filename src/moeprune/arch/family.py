@@ -11,14 +11,16 @@ from typing import Literal
 
 RouterOutput = Literal["topk", "topk_probs", "dense_scores"]
 ExpertsCall = Literal["routed", "stacked"]
+LogitsOp = Literal["divide", "multiply", "softcap"]
 
 
 @dataclass(frozen=True)
 class MoEFamily:
     """Description of one MoE family in transformers 5.x.
 
-    Paths are dotted attribute paths. ``block_*`` are relative to a decoder layer, the rest relative
-    to the MoE block. Every per-expert tensor has the expert on the given dimension.
+    Paths are dotted attribute paths. ``block_attr`` and ``attention_attrs`` are relative to a
+    decoder layer, ``layers_path`` and ``final_norm`` to the ``*ForCausalLM`` model, the rest to the
+    MoE block. Every per-expert tensor has the expert on the given dimension.
     """
 
     model_type: str  # config.model_type
@@ -46,6 +48,25 @@ class MoEFamily:
     layers_path: str = "model.layers"
     extra_config_keys: tuple[str, ...] = field(default=())  # other keys that mirror the count
     fixed_top_k: str | None = None  # why the family's routing ignores top_k_key, if it does
+    # integer attributes (block-relative) that the modules copied top_k_key into at construction and
+    # read when routing; () when the family reads the config at every forward. None: "<router_attr>.top_k"
+    top_k_attrs: tuple[str, ...] | None = None
+    # --- the decoder stack around the MoE blocks (layer replay, fitness/replay.py) ---
+    # the token-mixing sub-module of a decoder layer (attention, or linear attention / mamba / conv in
+    # hybrids: every layer holds exactly one of these names as a module); () = none separate from the layer
+    attention_attrs: tuple[str, ...] = ("self_attn",)
+    final_norm: str | None = "model.norm"  # the norm between the last decoder layer and lm_head
+    # config key of a scalar applied to lm_head's output, and how: logits / s, logits * s, or
+    # s * tanh(logits / s) (soft-capping); a None config value means no scaling
+    logits_scaling: str | None = None
+    logits_op: LogitsOp = "divide"
+    # why the decoder stack cannot be replayed layer by layer (more than norm -> lm_head -> scaling
+    # after the last layer, or layers that need more than their own call's arguments)
+    replay_unsupported: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k_attrs is None:  # the common case: the router module holds top_k
+            object.__setattr__(self, "top_k_attrs", (f"{self.router_attr}.top_k",))
 
     def slicing_spec(self) -> dict:
         """The plain-dict subset of this entry that `surgery.slicing` needs (also written into

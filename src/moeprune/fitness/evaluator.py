@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import moe_layers
+from ..errors import UnsupportedModelError
 from ..surgery import ExpertPlan, mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
@@ -206,8 +207,8 @@ def run_teacher(
     fallback: str | None = None
     try:
         replay: LayerReplay | None = LayerReplay(model)
-    except (AttributeError, TypeError) as e:
-        replay, fallback = None, f"no layers/norm/head to replay ({e})"
+    except UnsupportedModelError as e:  # the family's stack is more than layers -> norm -> head
+        replay, fallback = None, str(e)
     positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
     labels = [b.labels()[p] for b, p in zip(search.batches, positions, strict=True)]  # (n_b,)
     t0 = time.perf_counter()

@@ -5,8 +5,10 @@ layers, causal/sliding/chunked masks, embedding multipliers, ...). Instead of re
 `LayerReplay.record` runs the stock forward once per batch with forward pre-hooks on the decoder
 layers and keeps what each layer was called with. Those arguments depend only on the tokens, never
 on which experts are masked, so a candidate can restart at layer j from a hidden state and replay
-layers j..N-1 with them; then ``norm -> lm_head`` (``/ logits_scaling`` where the family has it).
-This is written once for every family and tested equal to ``model(input_ids).logits`` on all of them.
+layers j..N-1 with them; then the family's head: ``final_norm -> lm_head -> logits scaling`` (the
+`MoEFamily` fields). This is written once for every family and tested equal to
+``model(input_ids).logits`` on all of them; a family whose stack is more than that says so
+(``replay_unsupported``) and `LayerReplay` refuses it with that reason.
 
 A layer's attention sub-module sees only the layer's input, never the experts, so a candidate that
 restarts at layer j from a cached input can also take layer j's attention output from the run that
@@ -25,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import family_of, get_path
+from ..arch import attention_name, family_of, get_path
+from ..arch.patching import Patches
+from ..errors import UnsupportedModelError
 from .searchset import SearchBatch
-
-ATTENTION_ATTRS = ("self_attn", "attention", "attn")  # the attention sub-module of a decoder layer
 
 
 class _StoredOutput(nn.Module):
@@ -116,15 +118,24 @@ class LayerReplay:
 
     def __init__(self, model: nn.Module) -> None:
         family = family_of(model.config)
+        if family.replay_unsupported:
+            raise UnsupportedModelError(
+                f"{family.model_type}: layer replay cannot reproduce this model: {family.replay_unsupported}"
+            )
         self.model = model
+        self.family = family
         self.layers: nn.ModuleList = get_path(model, family.layers_path)  # type: ignore[assignment]
-        backbone = get_path(model, family.layers_path.rsplit(".", 1)[0])
-        self.norm: nn.Module = backbone.norm  # type: ignore[union-attr]
+        self.norm: nn.Module = get_path(model, family.final_norm or "", None)  # type: ignore[assignment]
+        if not isinstance(self.norm, nn.Module):
+            raise UnsupportedModelError(
+                f"{family.model_type}: no final norm module at '{family.final_norm}' ({type(model).__name__})"
+            )
         self.lm_head: nn.Module = model.get_output_embeddings()
-        self.logits_scaling = float(getattr(model.config.get_text_config(), "logits_scaling", 1.0) or 1.0)
+        text = model.config.get_text_config()
+        scale = getattr(text, family.logits_scaling, None) if family.logits_scaling else None
+        self.logits_scale: float | None = None if scale is None else float(scale)
         self.attention_names: list[str | None] = [
-            next((a for a in ATTENTION_ATTRS if isinstance(getattr(layer, a, None), nn.Module)), None)
-            for layer in self.layers
+            attention_name(family, i, layer) for i, layer in enumerate(self.layers)
         ]
 
     @property
@@ -148,15 +159,10 @@ class LayerReplay:
 
             return hook
 
-        handles = [
-            layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-            for i, layer in enumerate(self.layers)
-        ]
-        try:
+        with Patches() as patches:
+            for i, layer in enumerate(self.layers):
+                patches.forward_pre_hook(layer, make_hook(i), with_kwargs=True)
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         if any(c is None for c in calls):
             raise RuntimeError("not every decoder layer was called by the model's forward; cannot replay it")
         return BatchRecord(layer0_input=first[0], calls=calls, logits=out.logits)  # type: ignore[arg-type]
@@ -182,29 +188,25 @@ class LayerReplay:
         run, used instead of recomputing it. capture: a list the attention's output is appended to."""
         args, kwargs = record.calls[index]
         layer, name = self.layers[index], self.attention_names[index]
-        if name is None:
-            out = layer(hidden, *args, **kwargs)
-        elif attention_output is not None:
-            original = getattr(layer, name)
-            setattr(layer, name, _StoredOutput(attention_output))
-            try:
-                out = layer(hidden, *args, **kwargs)
-            finally:
-                setattr(layer, name, original)
-        elif capture is not None:
-            handle = getattr(layer, name).register_forward_hook(lambda m, a, o: capture.append(o))
-            try:
-                out = layer(hidden, *args, **kwargs)
-            finally:
-                handle.remove()
-        else:
+        with Patches() as patches:
+            if name is not None and attention_output is not None:
+                patches.setattr(layer, name, _StoredOutput(attention_output))
+            elif name is not None and capture is not None:
+                patches.forward_hook(getattr(layer, name), lambda m, a, o: capture.append(o))
             out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last decoder layer's output (B, L, H) -> logits (B, L, V)."""
         logits = self.lm_head(self.norm(hidden))
-        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
+        s, op = self.logits_scale, self.family.logits_op
+        if s is None or (op != "softcap" and s == 1.0):
+            return logits
+        if op == "divide":
+            return logits / s
+        if op == "multiply":
+            return logits * s
+        return torch.tanh(logits / s) * s  # softcap
 
     @torch.inference_mode()
     def forward_from(self, start: int, hidden: torch.Tensor, record: BatchRecord) -> torch.Tensor:

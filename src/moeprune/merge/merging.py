@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..arch import family_of, get_path, moe_layers
+from ..arch.patching import Patches, offloaded_source, transform_offloaded
 from ..errors import MoepruneError
 from ..surgery import ExpertPlan, remove_experts_
 
@@ -48,7 +49,8 @@ def expert_plan(model: nn.Module, plan: MergePlan) -> ExpertPlan:
     )
 
 
-def _expert_tensors(model: nn.Module, plan: MergePlan) -> Iterator[tuple[torch.Tensor, LayerMerge]]:
+def _expert_tensors(model: nn.Module, plan: MergePlan) -> Iterator[tuple[nn.Module, str, LayerMerge]]:
+    """(block, path, merge) of every fused expert tensor of every merged layer."""
     family = family_of(model.config)
     for layer in moe_layers(model):
         merge = plan.get(layer.index)
@@ -60,39 +62,56 @@ def _expert_tensors(model: nn.Module, plan: MergePlan) -> Iterator[tuple[torch.T
                 f"({len(merge.anchors)}, {layer.num_experts})"
             )
         for path in family.expert_tensors:
-            tensor = get_path(layer.block, path)
-            if isinstance(tensor, torch.Tensor):
-                yield tensor, merge  # (E, ...)
+            if isinstance(get_path(layer.block, path, None), torch.Tensor):
+                yield layer.block, path, merge  # tensor (E, ...)
 
 
 def _merged(tensor: torch.Tensor, merge: LayerMerge) -> torch.Tensor:
     """Σ_i M[j, i] W_i for every anchor j: (E, ...) -> (k, ...)."""
-    return torch.tensordot(merge.weights.to(tensor.dtype), tensor, dims=([1], [0]))
+    return torch.tensordot(merge.weights.to(tensor.dtype).to(tensor.device), tensor, dims=([1], [0]))
+
+
+def _with_merged(tensor: torch.Tensor, merge: LayerMerge) -> torch.Tensor:
+    """A copy of `tensor` (E, ...) whose anchor slots hold the merged experts."""
+    index = torch.tensor(merge.anchors, device=tensor.device)
+    return tensor.index_copy(0, index, _merged(tensor, merge))
+
+
+def _merge_tensor(block: nn.Module, path: str, merge: LayerMerge, patches: Patches | None) -> None:
+    """Write the merged experts into the anchor slots of the tensor at `path` (until `patches`
+    restores, when given). An offloaded tensor (accelerate weights map) is merged where the hook
+    reads it, at every onload, so the offloaded weights are never all held in memory."""
+    tensor = get_path(block, path)
+    if tensor.is_meta:
+        source = offloaded_source(block, path)
+        if source is None:
+            raise MoepruneError(
+                f"expert tensor '{path}' is on the meta device and no accelerate hook on the MoE block holds it"
+            )
+        hook, key = source
+        transform_offloaded(hook, key, lambda real: _with_merged(real, merge), patches)
+        return
+    index = torch.tensor(merge.anchors, device=tensor.device)
+    with torch.no_grad():
+        if patches is not None:
+            original = tensor.index_select(0, index).clone()
+            patches.on_restore(lambda: tensor.data.index_copy_(0, index, original))
+        tensor.data.index_copy_(0, index, _merged(tensor.data, merge))
 
 
 @contextmanager
 def merged_weights(model: nn.Module, plan: MergePlan) -> Iterator[nn.Module]:
-    """Within the block, each anchor's slot of every fused expert tensor holds Σ_i M[j, i] W_i."""
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for tensor, merge in _expert_tensors(model, plan):
-                index = torch.tensor(merge.anchors, device=tensor.device)
-                merged = _merged(tensor, merge)  # (k, ...)
-                saved.append((tensor, index, tensor.index_select(0, index).clone()))
-                tensor.index_copy_(0, index, merged)
+    """Within the block, each anchor's slot of every fused expert tensor holds Σ_i M[j, i] W_i;
+    the originals are back after it, even on error."""
+    with Patches() as patches:
+        for block, path, merge in _expert_tensors(model, plan):
+            _merge_tensor(block, path, merge, patches)
         yield model
-    finally:
-        with torch.no_grad():
-            for tensor, index, original in reversed(saved):
-                tensor.index_copy_(0, index, original)
 
 
 def merge_experts_(model: nn.Module, plan: MergePlan) -> dict[int, list[int]]:
     """Merge in place, then remove the non-anchors structurally; returns the kept (anchor) ids."""
     removal = expert_plan(model, plan)
-    with torch.no_grad():
-        for tensor, merge in _expert_tensors(model, plan):
-            index = torch.tensor(merge.anchors, device=tensor.device)
-            tensor.index_copy_(0, index, _merged(tensor, merge))
+    for block, path, merge in list(_expert_tensors(model, plan)):
+        _merge_tensor(block, path, merge, None)
     return remove_experts_(model, removal)

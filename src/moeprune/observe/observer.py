@@ -1,6 +1,7 @@
 """One calibration pass that records `ExpertStats`, running each expert only on its routed tokens.
 
-`Observer` owns every hook and patch it installs and removes them on exit, even on error:
+`Observer` owns every hook and patch it installs (one `arch.patching.Patches` stack) and removes them
+on exit, even on error; accelerate's device-map hooks are wrapped, never removed:
 
 - a forward hook on each router reads the router decision (`decode_router_output`);
 - for families whose fused experts take ``(hidden, top_k_index, top_k_weights)`` ("routed"), the
@@ -30,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import MoELayer, RouterDecision, decode_router_output, expert_outputs, moe_layers
+from ..arch.patching import Patches
 from ..data import TokenSet
 from .stats import ExpertStats, LayerStats
 
@@ -59,8 +61,7 @@ class Observer:
         self._dense_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
             layer.index: [] for layer in self.layers
         }
-        self._handles: list = []
-        self._patched: list[nn.Module] = []
+        self._patches = Patches()  # hooks and wrapped forwards, undone on exit
         self._decision: dict[int, RouterDecision] = {}
         self._reentrant = False
         self._valid: torch.Tensor | None = None  # (T,) bool
@@ -69,26 +70,24 @@ class Observer:
 
     # ----------------------------------------------------------------- hooks
     def __enter__(self) -> Observer:
+        patches = Patches()
         try:
             for layer in self.layers:
-                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
+                patches.forward_hook(layer.router, self._router_hook(layer))
                 if layer.family.experts_call == "routed":
-                    experts = layer.experts
-                    original = experts.forward
-                    experts.forward = self._experts_forward(layer, original)
-                    self._patched.append(experts)
+                    patches.wrap_forward(
+                        layer.experts, lambda inner, layer=layer: self._experts_forward(layer, inner)
+                    )
         except BaseException:
-            self.__exit__(None, None, None)
+            patches.restore()
             raise
+        self._patches = patches
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for experts in self._patched:
-            experts.__dict__.pop("forward", None)
-        self._handles, self._patched = [], []
+        patches, self._patches = self._patches, Patches()
         self._decision.clear()
+        patches.restore()
 
     def set_batch(self, attention_mask: torch.Tensor, dense_mask: torch.Tensor, domain: torch.Tensor) -> None:
         """Masks of the next forward, each (B, L): real tokens, dense-subsample tokens, domain index."""

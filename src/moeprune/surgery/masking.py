@@ -13,6 +13,11 @@ Per-expert router tensors that live on the block rather than on the router (``ro
 outside ``router_attr``, e.g. a correction bias the block passes to ``gate(h, bias)``) are sliced
 where they enter the router: any argument that *is* one of those tensors reaches the clone sliced.
 
+The router's forward is wrapped through `arch.patching.Patches` and restored exactly on exit, even on
+error; on a model dispatched with an accelerate device map the wrap goes inside accelerate's hook
+(inputs moved, weights onloaded as usual) and the sliced clone is cut from the real router weights,
+also when they are offloaded to CPU or disk.
+
 Stacked candidates (`mask_stacked`): C plans evaluated in one forward whose batch is the C
 candidates' inputs concatenated along dim 0 (candidate-major, equal blocks). Routers act token by
 token, so each router call is split into C row blocks, block c routed under plan c, and the outputs
@@ -30,6 +35,8 @@ import torch
 from torch import nn
 
 from ..arch import MoELayer, get_path, moe_layers
+from ..arch.patching import Patches, offloaded_source, onloaded
+from ..errors import MoepruneError
 from .plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
@@ -55,12 +62,16 @@ def _shallow_clone(module: nn.Module) -> nn.Module:
     for name in _HOOK_DICTS:
         if hasattr(module, name):
             setattr(clone, name, OrderedDict())
-    clone.__dict__.pop("forward", None)
+    for name in ("forward", "_hf_hook", "_old_forward"):  # the clone runs its class forward, unhooked
+        clone.__dict__.pop(name, None)
     return clone
 
 
 def sliced_router(layer: MoELayer, keep: list[int]) -> nn.Module:
-    """A clone of `layer`'s router holding only the rows/biases of experts `keep`."""
+    """A clone of `layer`'s router holding only the rows/biases of experts `keep`.
+
+    The clone's tensors are real even when the router's weights are offloaded by accelerate (meta on
+    the module): they are read through the router's own hooks, on the hooks' execution device."""
     prefix = layer.family.router_attr + "."
     spec = {
         "router_tensors": [
@@ -69,13 +80,32 @@ def sliced_router(layer: MoELayer, keep: list[int]) -> nn.Module:
         "expert_tensors": [],
         "count_attrs": [c[len(prefix) :] for c in layer.family.count_attrs if c.startswith(prefix)],
     }
-    clone = _shallow_clone(layer.router)
+    with onloaded(layer.router) as router:
+        clone = _shallow_clone(router)
+    for name, tensor in [*clone.named_parameters(), *clone.named_buffers()]:
+        if tensor.is_meta:  # offloaded by a hook above the router (one that places the whole block)
+            source = offloaded_source(layer.block, f"{layer.family.router_attr}.{name}")
+            if source is None:
+                raise MoepruneError(
+                    f"layer {layer.index}: router tensor '{name}' is offloaded by an accelerate hook above "
+                    "the MoE block; load the model with a device_map that places whole decoder layers"
+                )
+            hook, key = source
+            real = hook.weights_map[key].to(hook.execution_device)  # type: ignore[attr-defined]
+            owner, _, leaf = name.rpartition(".")
+            parent = get_path(clone, owner) if owner else clone
+            if isinstance(tensor, nn.Parameter):
+                parent._parameters[leaf] = nn.Parameter(real, requires_grad=tensor.requires_grad)
+            else:
+                parent._buffers[leaf] = real
     slice_block_(clone, keep, spec)
     return clone
 
 
 def _block_router_args(layer: MoELayer) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, expert dim) of the per-expert router tensors held by the block, not the router."""
+    """(tensor, expert dim) of the per-expert router tensors held by the block, not the router.
+
+    Read at call time: an offloading hook swaps the block's tensors in and out at every forward."""
     prefix = layer.family.router_attr + "."
     found = [
         (get_path(layer.block, p, None), d)
@@ -88,7 +118,7 @@ def _block_router_args(layer: MoELayer) -> list[tuple[torch.Tensor, int]]:
 def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
     num_experts = layer.num_experts
     kind = layer.family.router_output
-    block_args = _block_router_args(layer)
+    has_block_args = bool(_block_router_args(layer))
 
     keep_on: dict[torch.device, torch.Tensor] = {}
 
@@ -98,16 +128,17 @@ def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
             keep_on[device] = torch.as_tensor(keep, device=device)
         return keep_on[device]
 
-    def sliced(value):
+    def sliced(value, block_args):
         for tensor, dim in block_args:
             if value is tensor:
                 return value.index_select(dim, keep_t(value.device))
         return value
 
     def forward(hidden_states, *args, **kwargs):
-        if block_args:
-            args = tuple(sliced(a) for a in args)
-            kwargs = {k: sliced(v) for k, v in kwargs.items()}
+        if has_block_args:
+            block_args = _block_router_args(layer)
+            args = tuple(sliced(a, block_args) for a in args)
+            kwargs = {k: sliced(v, block_args) for k, v in kwargs.items()}
         out = clone.forward(hidden_states, *args, **kwargs)
         if kind in ("topk", "topk_probs"):
             logits, weights, indices = out  # (T, E'), (T, k), (T, k); probabilities for topk_probs
@@ -129,10 +160,10 @@ def _masked_forward(layer: MoELayer, clone: nn.Module, keep: list[int]):
 
 def _stacked_forward(layer: MoELayer, forwards: list):
     """Router forward over C equal row blocks, block c under ``forwards[c]``."""
-    shared = [t for t, _ in _block_router_args(layer)]
     blocks = len(forwards)
 
     def forward(hidden_states, *args, **kwargs):
+        shared = [t for t, _ in _block_router_args(layer)]
         rows = hidden_states.shape[0]  # C * tokens (or C * batch)
         if rows % blocks:
             raise RuntimeError(f"{rows} router rows do not split into {blocks} stacked candidates")
@@ -157,19 +188,6 @@ def _stacked_forward(layer: MoELayer, forwards: list):
     return forward
 
 
-def _patch(router: nn.Module, forward) -> None:
-    if getattr(router, _PATCH_MARK, False):
-        raise RuntimeError("mask_experts() is already active on this model; masks do not nest")
-    router.forward = forward
-    setattr(router, _PATCH_MARK, True)
-
-
-def _unpatch(routers: list[nn.Module]) -> None:
-    for router in routers:
-        router.__dict__.pop("forward", None)
-        router.__dict__.pop(_PATCH_MARK, None)
-
-
 @contextmanager
 def mask_stacked(model: nn.Module, plans: list[ExpertPlan | dict]) -> Iterator[list[dict[int, list[int]]]]:
     """Within the block, rows block c of every forward (dim 0 split into ``len(plans)`` equal blocks)
@@ -181,24 +199,29 @@ def mask_stacked(model: nn.Module, plans: list[ExpertPlan | dict]) -> Iterator[l
         raise ValueError("mask_stacked needs at least one plan")
     layers = moe_layers(model)
     kept = [validate_plan(model, p, layers) for p in plans]
-    patched: list[nn.Module] = []
-    try:
+    with Patches() as patches:
         for layer in layers:
             keeps = [k[layer.index] for k in kept]
             if all(len(keep) == layer.num_experts for keep in keeps):
                 continue
             router = layer.router
+            if getattr(router, _PATCH_MARK, False):
+                raise RuntimeError("mask_experts() is already active on this model; masks do not nest")
             forwards = [
                 _masked_forward(layer, sliced_router(layer, keep), keep)
                 if len(keep) < layer.num_experts
-                else type(router).forward.__get__(router)
+                else None
                 for keep in keeps
             ]
-            _patch(router, forwards[0] if len(forwards) == 1 else _stacked_forward(layer, forwards))
-            patched.append(router)
+
+            def make(inner, forwards=forwards, layer=layer):
+                """The masked router; unmasked candidates run the router's forward as it was (`inner`)."""
+                fns = [fn or inner for fn in forwards]
+                return fns[0] if len(fns) == 1 else _stacked_forward(layer, fns)
+
+            patches.wrap_forward(router, make)
+            patches.setattr(router, _PATCH_MARK, True)
         yield kept
-    finally:
-        _unpatch(patched)
 
 
 @contextmanager

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 
-from ..arch import family_of, moe_layers
+from ..arch import MoELayer, family_of, get_path, moe_layers
+from ..arch.patching import offloaded_source, transform_offloaded
+from ..errors import MoepruneError
 from .plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
@@ -14,6 +17,10 @@ def remove_experts_(model: PreTrainedModel, plan: ExpertPlan | dict) -> dict[int
 
     Router rows/biases, fused expert tensors and every count attribute are sliced; the config gets
     the new counts (uniform: the family's own keys; non-uniform: also ``num_experts_per_layer``).
+
+    On a model dispatched with accelerate offload, an offloaded tensor is sliced on the module (meta,
+    shape only) and where its hook reads the real weights (`_slice_offloaded`): forwards and
+    ``save_pretrained`` (which reads offloaded weights through the same hooks) see the pruned model.
     """
     if not isinstance(plan, ExpertPlan):
         plan = ExpertPlan.from_removed(plan)
@@ -23,9 +30,31 @@ def remove_experts_(model: PreTrainedModel, plan: ExpertPlan | dict) -> dict[int
     spec = family.slicing_spec()
     for layer in layers:
         if len(kept[layer.index]) != layer.num_experts:
+            _slice_offloaded(layer, kept[layer.index])
             slice_block_(layer.block, kept[layer.index], spec)
     set_config_counts(model, {layer.index: len(kept[layer.index]) for layer in layers})
     return kept
+
+
+def _slice_offloaded(layer: MoELayer, keep: list[int]) -> None:
+    """Make every offloading hook of `layer` read its per-expert tensors sliced to `keep` (lazily, at
+    each read: nothing offloaded is loaded here)."""
+    family = layer.family
+    for path, dim in [*family.router_tensors, *((p, 0) for p in family.expert_tensors)]:
+        tensor = get_path(layer.block, path, None)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_meta:
+            continue
+        source = offloaded_source(layer.block, path)
+        if source is None:
+            raise MoepruneError(
+                f"layer {layer.index}: '{path}' is on the meta device and no accelerate hook on the MoE block "
+                "holds its weights; load the model with a device_map that places whole decoder layers"
+            )
+        hook, key = source
+        index = torch.as_tensor(keep, dtype=torch.long)
+        transform_offloaded(
+            hook, key, lambda real, d=dim, i=index: real.index_select(d, i.to(real.device)), None
+        )
 
 
 def set_config_counts(model: PreTrainedModel, counts: dict[int, int]) -> None:
