@@ -8,7 +8,8 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .arch import family_of, moe_layers
-from .surgery import ExpertPlan, load, remove_experts_, save_pruned, validate_plan
+from .plan import ExpertPlan, validate_plan
+from .surgery import load, remove_experts_, save_pruned
 from .surgery.checkpoint import skeleton
 
 __all__ = [
@@ -192,8 +193,9 @@ def criterion_plan(
 ) -> ExpertPlan:
     """The experts `criterion` removes: uniform `sparsity` (same count in every MoE layer, rounded to
     the router's groups, top_k kept) or explicit per-layer `counts`."""
-    from .criteria import choose_removed, uniform_counts
+    from .criteria import choose_removed
     from .errors import MoepruneError
+    from .plan import uniform_counts
 
     if (sparsity is None) == (counts is None):
         raise MoepruneError("give exactly one of sparsity or counts")
@@ -369,49 +371,53 @@ def eep_prune(
     active_experts: int | None = None,
     progress: bool = True,
     candidate_batch: int = 1,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 5,
 ):
     """EEP's prune phase on `model`: search which experts each MoE layer keeps, scored by `fitness`
     on `search_data` (a `SearchSet` or `TokenSet`) by exact masking. How many each layer loses is
-    given: a uniform `sparsity`, or `removed_per_layer` (e.g. an EvoESAP plan's counts). `seeds`
-    (e.g. a criterion's plan) join the random initial population. With `active_experts` = k', the
-    candidates route every token to k' experts (the teacher keeps the model's own top-k): EEP's
-    active-expert reduction. `candidate_batch` stacks that many candidates into one forward (pays on a
-    GPU). Returns `merge.EEPResult`; the model is left unchanged (prune it with
-    ``prune(model, result.best)``)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .allocate import AllocationSpace, uniform_counts
+    given: a uniform `sparsity` (`plan.uniform_counts`), or `removed_per_layer` (e.g. an EvoESAP
+    plan's counts). `seeds` (e.g. a criterion's plan) join the random initial population. With
+    `active_experts` = k', the candidates route every token to k' experts (the teacher keeps the
+    model's own top-k): EEP's active-expert reduction. `candidate_batch` stacks that many candidates
+    into one forward (pays on a GPU). With `state_path` the search state is written every
+    `checkpoint_every` iterations; `resume` continues from it. Returns `merge.EEPResult`; the model
+    is left unchanged (prune it with ``prune(model, result.best)``)."""
     from .errors import MoepruneError
+    from .evolve import progress_bar
     from .fitness import CandidateEvaluator, SearchSet
-    from .merge import EEPConfig, eep_prune_search, layer_choices
+    from .merge import EEPConfig, layer_choices, search_selections
     from .merge.active import reduced_active_experts
+    from .plan import uniform_counts
 
     if (sparsity is None) == (removed_per_layer is None):
         raise MoepruneError("give exactly one of sparsity or removed_per_layer")
     layers = moe_layers(model)
     if removed_per_layer is None:
-        space = AllocationSpace.from_layers(layers, sparsity=sparsity)
-        removed_per_layer = dict(zip([r.index for r in space.layers], uniform_counts(space), strict=True))
+        removed_per_layer = uniform_counts(layers, sparsity)
     keep = {layer.index: layer.num_experts - int(removed_per_layer.get(layer.index, 0)) for layer in layers}
     choices = layer_choices(layers, keep)
-    cfg = EEPConfig(population=population, iterations=iterations, seed=seed)
+    cfg = EEPConfig(
+        population=population, iterations=iterations, seed=seed, checkpoint_every=checkpoint_every
+    )
     if not isinstance(search_data, SearchSet):
         search_data = search_set(search_data)
     evaluator = CandidateEvaluator(
         model, search_data, fitness=fitness, cache=cache, top_k=top_k, candidate_batch=candidate_batch
     )
-    with reduced_active_experts(model, active_experts), Progress(
-        TextColumn("EEP prune"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-        TimeElapsedColumn(), disable=not progress, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("eep", total=iterations, best="-")
-        return eep_prune_search(
+    with (
+        reduced_active_experts(model, active_experts),
+        progress_bar("EEP prune", iterations, progress) as bar,
+    ):
+        return search_selections(
             choices,
-            lambda plan: evaluator.evaluate(plan).score,
+            lambda plans: [r.score for r in evaluator.evaluate_many(plans)],
             cfg,
             seeds=seeds,
-            progress=lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}"),
-            score_many=lambda plans: [r.score for r in evaluator.evaluate_many(plans)],
+            state_path=state_path,
+            resume=resume,
+            progress=bar,
         )
 
 
@@ -428,25 +434,29 @@ def eep_merge(
     seed: int = 0,
     active_experts: int | None = None,
     progress: bool = True,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 5,
 ):
     """EEP's merge phase: with `anchors` (the experts each layer keeps, e.g. ``eep_prune(...).best``)
     fixed, search the merging matrices that fold every expert of a layer into its anchors, scored by
     `fitness` on `search_data` with the merged weights in place (exact masking, full forward per
-    candidate), routing to `active_experts` experts per token when given. Returns
-    `merge.merge_search.MergeResult`; ``merge_experts_(model, result.best)`` applies it. The model
-    is left unchanged."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    candidate), routing to `active_experts` experts per token when given. With `state_path` the
+    search state is written every `checkpoint_every` iterations; `resume` continues from it.
+    Returns `merge.MergeResult`; ``merge_experts_(model, result.best)`` applies it. The model is
+    left unchanged."""
+    from .evolve import progress_bar
     from .fitness import CandidateEvaluator, SearchSet
+    from .merge import MergeConfig, search_merges
     from .merge.active import reduced_active_experts
-    from .merge.merge_search import MergeConfig, eep_merge_search
     from .merge.merging import expert_plan, merged_weights
-    from .surgery import validate_plan
 
     layers = moe_layers(model)
     kept = validate_plan(model, anchors, layers)
     num_experts = {layer.index: layer.num_experts for layer in layers}
-    cfg = MergeConfig(population=population, iterations=iterations, seed=seed)
+    cfg = MergeConfig(
+        population=population, iterations=iterations, seed=seed, checkpoint_every=checkpoint_every
+    )
     if not isinstance(search_data, SearchSet):
         search_data = search_set(search_data)
     # every candidate changes the weights of every layer: no prefix to reuse
@@ -456,17 +466,18 @@ def eep_merge(
         with merged_weights(model, plan):
             return evaluator.evaluate(expert_plan(model, plan)).score
 
-    with reduced_active_experts(model, active_experts), Progress(
-        TextColumn("EEP merge"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-        TimeElapsedColumn(), disable=not progress, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("merge", total=iterations, best="-")
-        return eep_merge_search(
+    with (
+        reduced_active_experts(model, active_experts),
+        progress_bar("EEP merge", iterations, progress) as bar,
+    ):
+        return search_merges(
             {i: tuple(v) for i, v in kept.items()},
             num_experts,
             score,
             cfg,
-            progress=lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}"),
+            state_path=state_path,
+            resume=resume,
+            progress=bar,
         )
 
 

@@ -111,8 +111,9 @@ def _calibration(api, model: str, data: str, text_field: str, num_samples: int, 
 
 def _criterion_plan(api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed):
     """Validate every input, then load the model, observe (unless --stats) and choose the plan."""
-    from .criteria import get_criterion, uniform_counts
+    from .criteria import get_criterion
     from .observe import ExpertStats
+    from .plan import uniform_counts
 
     get_criterion(criterion)
     if sparsity is None:
@@ -208,7 +209,7 @@ def prune(
 ) -> None:
     """Remove experts from MODEL and write a smaller checkpoint to --out."""
     from . import api
-    from .surgery import ExpertPlan
+    from .plan import ExpertPlan
     from .surgery.checkpoint import check_output_dir
 
     check_output_dir(out, overwrite)

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from .errors import MoepruneError
 from .evaluate.report import suite_cells
-from .surgery import ExpertPlan, mask_experts
+from .plan import ExpertPlan
+from .surgery import mask_experts
 from .surgery.card import markdown_table
 
 

@@ -16,10 +16,11 @@ from torch import nn
 
 from ..arch import moe_layers
 from ..errors import MoepruneError
+from ..evolve import EvolutionResult, progress_bar
 from ..fitness import CandidateEvaluator, SearchSet
-from ..surgery import ExpertPlan
-from .counts import uniform_counts
-from .evolution import EvoConfig, EvoResult, evolve
+from ..plan import ExpertPlan
+from .count_search import EvoConfig, search_counts
+from .counts import uniform_allocation
 from .plots import plot_allocation, plot_history
 from .space import AllocationSpace, Counts, RemovalOrder, plan_from_counts
 
@@ -37,7 +38,7 @@ class SearchOutcome:
     uniform_plan: ExpertPlan
     best_fitness: dict
     uniform_fitness: dict
-    result: EvoResult
+    result: EvolutionResult[Counts]
     reuse: dict
     teacher: dict
     seconds: float
@@ -121,7 +122,7 @@ def run_search(
     space = AllocationSpace.from_layers(
         moe_layers(model), sparsity=sparsity, min_remove=min_remove, max_remove=max_remove
     )
-    uniform = uniform_counts(space)
+    uniform = uniform_allocation(space)
     plan_from_counts(space, order, uniform)  # a bad order fails before the teacher pass
     evaluator = CandidateEvaluator(
         model,
@@ -139,15 +140,10 @@ def run_search(
         details.update(zip(many, results, strict=True))
         return [r.score for r in results]
 
-    result = evolve(
-        space,
-        lambda counts: score_many([counts])[0],
-        config,
-        state_path=out / STATE_FILE,
-        resume=resume,
-        progress=progress,
-        score_many=score_many,
-    )
+    with progress_bar("EvoESAP", config.generations, enabled=progress) as bar:
+        result = search_counts(
+            space, score_many, config, state_path=out / STATE_FILE, resume=resume, progress=bar
+        )
     best_r = details.get(result.best) or evaluator.evaluate(plan_from_counts(space, order, result.best))
     uni_r = details.get(uniform) or evaluator.evaluate(plan_from_counts(space, order, uniform))
     outcome = SearchOutcome(

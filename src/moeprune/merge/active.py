@@ -17,6 +17,7 @@ from torch import nn
 
 from ..arch import family_of, moe_layers
 from ..errors import MoepruneError
+from ..plan import max_active_experts
 
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
 
@@ -36,7 +37,7 @@ def set_active_experts_(model: nn.Module, k: int) -> int:
         raise MoepruneError(f"{family.model_type} cannot route to fewer experts: {family.fixed_top_k}")
     layers = moe_layers(model)
     old = active_experts(model)
-    fewest = min(layer.num_experts // layer.num_groups * layer.topk_groups for layer in layers)
+    fewest = min(max_active_experts(layer) for layer in layers)
     if not 1 <= k <= fewest:
         raise MoepruneError(
             f"active experts must be between 1 and {fewest} (the model routes to {old}), got {k}"

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..arch import family_of, get_path, moe_layers
 from ..errors import MoepruneError
-from ..surgery import ExpertPlan, remove_experts_
+from ..plan import ExpertPlan
+from ..surgery import remove_experts_
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..arch import MoELayer, get_path, moe_layers
-from .plan import ExpertPlan, validate_plan
+from ..plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
 _PATCH_MARK = "_moeprune_masked"

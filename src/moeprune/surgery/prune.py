@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from ..arch import family_of, moe_layers
-from .plan import ExpertPlan, validate_plan
+from ..plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
 
