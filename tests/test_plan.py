@@ -102,7 +102,9 @@ def test_uniform_is_the_same_plan_everywhere(family):
         space = AllocationSpace.from_layers(layers, sparsity=sparsity)
         baseline = dict(zip([b.index for b in space.layers], uniform_allocation(space), strict=True))
         first = initial_population(space, EvoConfig(population=2), _rng())[0]
-        eep = api.eep_prune(model, search_data(), sparsity=sparsity, population=4, iterations=1, progress=False)
+        eep = api.eep_prune(
+            model, search_data(), sparsity=sparsity, population=4, iterations=1, progress=False
+        )
         by_eep = {lay.index: len(eep.best.removed.get(lay.index, ())) for lay in layers}
         assert by_criterion == baseline == by_eep == uniform_counts(layers, sparsity), (family, sparsity)
         assert space.budget == sum(baseline.values())

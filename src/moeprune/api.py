@@ -501,22 +501,34 @@ def eep(
     seed: int = 0,
     candidate_batch: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = 5,
+    progress: bool = True,
     **extra,
 ) -> dict:
     """EEP end to end on `model` (changed in place): the prune phase (`eep_prune`, seeded with
     `seeds`), the merge phase when `merge_iterations` > 0 (`eep_merge`, then the merged experts
     folded into the kept ones), `active_experts` routing, and the checkpoint saved into `out_dir`
-    with ``eep_history.json`` (and ``merging.json``: anchors and M per layer). `extra` goes into
-    ``moeprune.json``. Returns ``{"prune": EEPResult, "merge": MergeResult | None, "out": Path}``."""
+    with ``eep_history.json`` (and ``merging.json``: anchors and M per layer). Both searches write
+    their state into `out_dir` (``eep_prune_state.json``, ``eep_merge_state.json``) every
+    `checkpoint_every` iterations; `resume` continues an interrupted run there with the same
+    settings. `extra` goes into ``moeprune.json``. Returns ``{"prune": EEPResult, "merge":
+    MergeResult | None, "out": Path}``."""
     import json
 
+    from .allocate.run import check_run_dir
     from .merge.active import set_active_experts_
     from .merge.merging import merge_experts_
 
+    states = ("eep_prune_state.json", "eep_merge_state.json")
+    run_dir = check_run_dir(out_dir, resume, overwrite, states)  # created by the first checkpoint
+    for name in states if overwrite and not resume else ():
+        (run_dir / name).unlink(missing_ok=True)
     result = eep_prune(
         model, search_data, sparsity=sparsity, fitness=fitness, cache=cache, top_k=top_k, population=population,
         iterations=iterations, seed=seed, seeds=seeds, active_experts=active_experts,
-        candidate_batch=candidate_batch,
+        candidate_batch=candidate_batch, state_path=run_dir / states[0], resume=resume,
+        checkpoint_every=checkpoint_every, progress=progress,
     )  # fmt: skip
     counts = expert_counts(model)
     merged = None
@@ -524,6 +536,7 @@ def eep(
         merged = eep_merge(
             model, search_data, result.best, fitness=fitness, cache=cache, top_k=top_k,
             population=merge_population, iterations=merge_iterations, seed=seed, active_experts=active_experts,
+            state_path=run_dir / states[1], resume=resume, checkpoint_every=checkpoint_every, progress=progress,
         )  # fmt: skip
         kept = merge_experts_(model, merged.best)
     else:
@@ -540,8 +553,9 @@ def eep(
         }
         files["merging.json"] = json.dumps(merging) + "\n"
     files["eep_history.json"] = json.dumps(history, indent=1) + "\n"
+    files |= {name: (run_dir / name).read_text() for name in states if (run_dir / name).exists()}
     out = save(
-        model, out_dir, source=source, kept=kept, num_experts=counts, tokenizer=tokenizer, overwrite=overwrite,
+        model, run_dir, source=source, kept=kept, num_experts=counts, tokenizer=tokenizer, overwrite=True,
         extra_files=files, selection="eep_prune" + (" + eep_merge" if merged is not None else ""),
         fitness=fitness, sparsity=sparsity, plan=result.best.to_dict(), **extra,
     )  # fmt: skip

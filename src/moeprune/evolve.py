@@ -121,7 +121,8 @@ _RESUMABLE_CHANGES = ("generations", "checkpoint_every")
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to `path` through a temporary file and a rename: a reader (or a kill) never sees
-    half a file."""
+    half a file. Creates the parent directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f)

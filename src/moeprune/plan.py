@@ -222,7 +222,7 @@ def validate_plan(model, plan: ExpertPlan, layers: Sequence | None = None) -> di
             raise PlanError(
                 f"layer {index}: the plan removes every expert; keep at least top_k={layer.top_k}"
             )
-        if bounds.step == 1 and not bounds.allows(len(removed)):
+        if left < layer.top_k:
             raise PlanError(
                 f"layer {index}: {left} experts would remain but the router picks top_k={layer.top_k}; "
                 f"remove at most {bounds.max_remove} experts there"

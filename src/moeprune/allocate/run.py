@@ -66,13 +66,16 @@ class SearchOutcome:
         }
 
 
-def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Fail early (before any work) unless `out_dir` is new, resumable (`resume`) or may be replaced."""
+def check_run_dir(
+    out_dir: str | Path, resume: bool, overwrite: bool, state_files: tuple[str, ...] = (STATE_FILE,)
+) -> Path:
+    """Fail early (before any work) unless `out_dir` is new, resumable (`resume`: it holds the first
+    of `state_files`) or may be replaced."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MoepruneError(f"output path {out} exists and is not a directory")
-    if resume and not (out / STATE_FILE).exists():
-        raise MoepruneError(f"nothing to resume: {out / STATE_FILE} does not exist")
+    if resume and not (out / state_files[0]).exists():
+        raise MoepruneError(f"nothing to resume: {out / state_files[0]} does not exist")
     if out.exists() and not resume and not overwrite and any(out.iterdir()):
         raise MoepruneError(
             f"output directory {out} already exists; pass --resume to continue its search or --overwrite"
@@ -80,12 +83,16 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
-    """The run directory: new, or (resume) one that holds a search state."""
-    out = check_run_dir(out_dir, resume, overwrite)
+def prepare_run_dir(
+    out_dir: str | Path, resume: bool, overwrite: bool, state_files: tuple[str, ...] = (STATE_FILE,)
+) -> Path:
+    """The run directory: new, or (resume) one that holds a search state; with `overwrite` (and no
+    `resume`) old search states are removed."""
+    out = check_run_dir(out_dir, resume, overwrite, state_files)
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume and (out / STATE_FILE).exists():
-        (out / STATE_FILE).unlink()
+    if overwrite and not resume:
+        for name in state_files:
+            (out / name).unlink(missing_ok=True)
     return out
 
 
