@@ -20,9 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeprune import api
-from moeprune.criteria import choose_removed, uniform_counts
+from moeprune.criteria import choose_removed
 from moeprune.data import load_data
 from moeprune.evaluate import evaluate_suite
+from moeprune.plan import uniform_counts
 from moeprune.surgery import mask_experts
 
 ROOT = Path(__file__).resolve().parents[1]

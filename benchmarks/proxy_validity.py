@@ -32,7 +32,7 @@ from moeprune.allocate import (
     counts_from_weights,
     mutate,
     plan_from_counts,
-    uniform_counts,
+    uniform_allocation,
 )
 from moeprune.allocate.patterns import SPEC_ORDER
 from moeprune.arch import moe_layers
@@ -44,7 +44,7 @@ from moeprune.testbed import load_testbed, removal_order_for, token_split
 
 def candidate_counts(space: AllocationSpace, n: int, seed: int) -> list[tuple[int, ...]]:
     rng = np.random.Generator(np.random.PCG64(seed))
-    plans = [uniform_counts(space)]
+    plans = [uniform_allocation(space)]
     plans += [counts_from_weights(space, INIT_PATTERNS.get(p)(len(space.layers), rng)) for p in SPEC_ORDER]
     cfg = EvoConfig()
     while len(dict.fromkeys(plans)) < n:

@@ -29,8 +29,9 @@ from rich.table import Table
 from scipy.stats import kendalltau
 
 from moeprune import api
-from moeprune.allocate import AllocationSpace, EvoConfig, evolve, mutate, plan_from_counts
+from moeprune.allocate import AllocationSpace, EvoConfig, mutate, plan_from_counts, search_counts
 from moeprune.arch import moe_layers
+from moeprune.evolve import score_each
 from moeprune.fitness import CandidateEvaluator
 from moeprune.testbed import load_testbed, removal_order_for, token_split
 
@@ -66,7 +67,7 @@ def timed_search(model, search, space, order, cfg, probe, plain_every: int = 4, 
         return [r.score for r in results]
 
     stacked = ev.candidate_batch > 1
-    result = evolve(space, lambda c: score_many([c])[0], cfg, score_many=score_many if stacked else None)
+    result = search_counts(space, score_many if stacked else score_each(lambda c: score_many([c])[0]), cfg)
     wall = time.perf_counter() - t0 - sum(plains)
     paired = [evals[i * plain_every][0] / evals[i * plain_every][1] / plains[i] for i in range(len(plains))]
     per_eval = sum(s for s, _ in evals) / sum(n for _, n in evals)

@@ -24,11 +24,12 @@ import torch
 from rich.console import Console
 
 from moeprune import api
-from moeprune.criteria import choose_removed, uniform_counts
+from moeprune.criteria import choose_removed
 from moeprune.evaluate import evaluate_suite
 from moeprune.fitness import CandidateEvaluator
 from moeprune.merge.active import reduced_active_experts, set_active_experts_
 from moeprune.merge.merging import merge_experts_
+from moeprune.plan import uniform_counts
 from moeprune.testbed import comparison_table, evaluate_plans, load_testbed, token_split
 
 

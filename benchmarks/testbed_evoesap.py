@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from moeprune import api
-from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_counts, uniform_counts
+from moeprune.allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts, uniform_allocation
 from moeprune.arch import moe_layers
 from moeprune.criteria import removal_order
+from moeprune.evolve import progress_bar, score_each
 from moeprune.fitness import CandidateEvaluator, SearchSet
 from moeprune.testbed import evaluate_plans, heldout_esap, load_testbed, token_split
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         token_split(tok, data_dir / "test.jsonl", args.heldout_samples, 256, args.seed + 1)
     )
     space = AllocationSpace.from_layers(moe_layers(model), sparsity=args.sparsity)
-    uniform = uniform_counts(space)
+    uniform = uniform_allocation(space)
     suite = dict(suite_dir=data_dir, max_tokens_per_domain=args.eval_tokens, max_items=args.eval_items)
     report: dict = {
         "settings": vars(args),
@@ -110,12 +111,15 @@ def main(argv: list[str] | None = None) -> None:
         order = removal_order(stats, criterion, args.seed)
         ev = CandidateEvaluator(model, search, fitness=args.fitness)
         t0 = time.perf_counter()
-        result = evolve(
-            space,
-            lambda c, ev=ev, order=order: ev.evaluate(plan_from_counts(space, order, c)).score,
-            EvoConfig(population=args.population, generations=args.generations, seed=args.seed),
-            progress=True,
-        )
+        with progress_bar("EvoESAP", args.generations) as bar:
+            result = search_counts(
+                space,
+                score_each(
+                    lambda c, ev=ev, order=order: ev.evaluate(plan_from_counts(space, order, c)).score
+                ),
+                EvoConfig(population=args.population, generations=args.generations, seed=args.seed),
+                progress=bar,
+            )
         wall = time.perf_counter() - t0 + ev.teacher_seconds
         plans = {
             "uniform": plan_from_counts(space, order, uniform),

@@ -12,22 +12,22 @@ from moeprune.allocate import (
     AllocationSpace,
     EvoConfig,
     counts_from_weights,
-    evolve,
     initial_population,
     mutate,
     plan_from_counts,
-    uniform_counts,
+    search_counts,
+    uniform_allocation,
 )
-from moeprune.allocate.space import LayerRoom
 from moeprune.arch import moe_layers
 from moeprune.errors import MoepruneError, PlanError
+from moeprune.evolve import score_each
 from moeprune.fitness import CandidateEvaluator, SearchSet
-from moeprune.surgery import validate_plan
+from moeprune.plan import LayerBounds, validate_plan
 from tiny_models import tiny_model
 
 
 def space(n_layers: int = 6, experts: int = 8, budget: int = 24, step: int = 1, lo: int = 0, hi: int = 6):
-    return AllocationSpace(tuple(LayerRoom(i, experts, step, lo, hi) for i in range(n_layers)), budget)
+    return AllocationSpace(tuple(LayerBounds(i, experts, step, lo, hi) for i in range(n_layers)), budget)
 
 
 def synthetic_score(counts) -> float:
@@ -54,7 +54,7 @@ def test_weights_to_counts_floor_remainder_round_robin():
     assert counts_from_weights(sp, [1, 1, 2]) == (3, 2, 5)
     # capped at max 6 -> the rest goes round-robin
     assert counts_from_weights(sp, [0, 0, 1]) == (2, 2, 6)
-    assert uniform_counts(space(budget=24)) == (4,) * 6
+    assert uniform_allocation(space(budget=24)) == (4,) * 6
 
 
 def test_model_space_constraints():
@@ -69,7 +69,7 @@ def test_model_space_constraints():
     sp = AllocationSpace.from_layers(mix, sparsity=0.5, min_remove={0: 2}, max_remove={2: 3})
     assert [(r.min_remove, r.max_remove) for r in sp.layers] == [(2, 6), (0, 6), (0, 3)]
     with pytest.raises(PlanError, match="cannot remove"):
-        AllocationSpace.from_layers(mix, sparsity=0.9)
+        AllocationSpace.from_layers(mix, sparsity=0.5, max_remove={0: 2, 1: 2, 2: 2})
     with pytest.raises(PlanError, match="no valid removal count"):
         AllocationSpace.from_layers(mix, sparsity=0.5, min_remove={0: 7})
     with pytest.raises(PlanError, match="budget"):
@@ -91,7 +91,7 @@ def test_mutation_keeps_budget_and_limits():
     rng = np.random.Generator(np.random.PCG64(1))
     cfg = EvoConfig()
     for sp in (space(), space(step=2, budget=24), space(lo=1, hi=5, budget=20)):
-        c = uniform_counts(sp)
+        c = uniform_allocation(sp)
         changed = 0
         for _ in range(300):
             m = mutate(sp, c, cfg, rng)
@@ -105,18 +105,21 @@ def test_initial_population_uses_every_pattern_then_random():
     sp = space()
     cfg = EvoConfig(population=16)
     pop = initial_population(sp, cfg, np.random.Generator(np.random.PCG64(0)))
-    assert len(pop) == 16 and pop[0] == uniform_counts(sp)
+    assert len(pop) == 16 and pop[0] == uniform_allocation(sp)
     assert pop == initial_population(sp, cfg, np.random.Generator(np.random.PCG64(0)))
 
 
 def test_same_seed_same_plan_and_history():
     sp = space()
     cfg = EvoConfig(population=12, generations=8, seed=3)
-    a, b = evolve(sp, synthetic_score, cfg), evolve(sp, synthetic_score, cfg)
+    a, b = (
+        search_counts(sp, score_each(synthetic_score), cfg),
+        search_counts(sp, score_each(synthetic_score), cfg),
+    )
     assert a.best == b.best and a.history == b.history
     assert [h["best"] for h in a.history] == sorted(h["best"] for h in a.history)  # best-ever never drops
-    assert a.best_score >= synthetic_score(uniform_counts(sp))
-    c = evolve(sp, synthetic_score, EvoConfig(population=12, generations=8, seed=4))
+    assert a.best_score >= synthetic_score(uniform_allocation(sp))
+    c = search_counts(sp, score_each(synthetic_score), EvoConfig(population=12, generations=8, seed=4))
     assert c.history != a.history
 
 
@@ -145,5 +148,6 @@ def test_real_search_is_deterministic():
     results = []
     for _ in range(2):
         ev = CandidateEvaluator(model, s, top_k=8)
-        results.append(evolve(sp, lambda c, ev=ev: ev.evaluate(plan_from_counts(sp, order, c)).score, cfg))
+        score = score_each(lambda c, ev=ev: ev.evaluate(plan_from_counts(sp, order, c)).score)
+        results.append(search_counts(sp, score, cfg))
     assert results[0].best == results[1].best and results[0].history == results[1].history

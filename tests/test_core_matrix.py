@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moeprune
 from moeprune.arch import FAMILIES as REGISTERED
 from moeprune.arch import attention_name, family_of, get_path, moe_layers
-from moeprune.surgery import ExpertPlan, load, mask_experts, remove_experts_, save_pruned
+from moeprune.plan import ExpertPlan
+from moeprune.surgery import load, mask_experts, remove_experts_, save_pruned
 from tiny_models import FAMILIES, REPLAY_FALLBACK_OVERRIDES, tiny_model
 
 TOL = 1e-5

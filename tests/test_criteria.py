@@ -23,7 +23,7 @@ from moeprune.criteria import CRITERIA, choose_removed, rank, removal_order, uni
 from moeprune.data import TokenSet
 from moeprune.errors import MoepruneError, RegistryError
 from moeprune.observe import observe
-from moeprune.surgery import validate_plan
+from moeprune.plan import validate_plan
 from tiny_models import FAMILIES, tiny_model
 
 REFERENCE_FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"]

@@ -11,9 +11,10 @@ import torch
 from moeprune import api
 from moeprune.arch import moe_layers
 from moeprune.errors import MoepruneError
+from moeprune.evolve import score_each
 from moeprune.fitness import CandidateEvaluator, SearchSet
-from moeprune.merge import EEPConfig, eep_prune_search, layer_choices
-from moeprune.merge.prune_search import mutate
+from moeprune.merge import EEPConfig, layer_choices, search_selections
+from moeprune.merge.selection_search import mutate
 from tiny_models import tiny_model
 from tiny_tokenizer import TEXT, save_tiny_checkpoint
 
@@ -54,9 +55,9 @@ def test_search_is_seeded_and_never_loses_its_seed(qwen):
     seed_plan = api.ExpertPlan.from_removed({c.index: list(range(c.num_experts // 2)) for c in choices})
 
     def run(seed: int):
-        return eep_prune_search(
+        return search_selections(
             choices,
-            lambda plan: ev.evaluate(plan).score,
+            score_each(lambda plan: ev.evaluate(plan).score),
             EEPConfig(population=6, iterations=4, seed=seed),
             seeds=[seed_plan],
         )

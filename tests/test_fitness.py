@@ -19,7 +19,8 @@ from moeprune.fitness import (
     teacher_slice,
 )
 from moeprune.fitness.metrics import esap
-from moeprune.surgery import ExpertPlan, mask_experts, remove_experts_
+from moeprune.plan import ExpertPlan
+from moeprune.surgery import mask_experts, remove_experts_
 from tiny_models import FAMILIES, REPLAY_FALLBACK_OVERRIDES, tiny_model
 
 

@@ -20,7 +20,8 @@ WORKER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from tiny_models import tiny_model
-    from moeprune.allocate import AllocationSpace, EvoConfig, evolve, plan_from_counts
+    from moeprune.allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts
+    from moeprune.evolve import score_each
     from moeprune.arch import moe_layers
     from moeprune.fitness import CandidateEvaluator, SearchSet
 
@@ -37,7 +38,7 @@ WORKER = textwrap.dedent(
         return ev.evaluate(plan_from_counts(space, order, counts)).score
 
     cfg = EvoConfig(population=8, generations=8, seed=5, checkpoint_every=1)
-    r = evolve(space, score, cfg, state_path=state if state != "-" else None, resume=resume)
+    r = search_counts(space, score_each(score), cfg, state_path=state if state != "-" else None, resume=resume)
     json.dump({{"best": list(r.best), "history": r.history}}, open(out, "w"))
     """
 )

@@ -18,8 +18,9 @@ from .errors import MoepruneError
 from .evaluate import evaluate_model as evaluate
 from .pipelines import RunResult, save_checkpoint
 from .pipelines import run as _run
+from .plan import ExpertPlan, validate_plan
 from .recipe import EEPSpec, Recipe, SearchSpec
-from .surgery import ExpertPlan, load, remove_experts_, validate_plan
+from .surgery import load, remove_experts_
 from .surgery.checkpoint import load_tokenizer, skeleton
 
 __all__ = [

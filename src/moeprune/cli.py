@@ -70,8 +70,9 @@ def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
 
     done = api.run(recipe, overwrite=overwrite, resume=resume)
     if done.evaluation:
-        columns = {name: evaluation_cells(r) for name, r in done.evaluation.items()}
-        Console().print(table(columns, f"{recipe.allocation} at {recipe.sparsity or 0:.0%}"))
+        Console().print(
+            table({name: evaluation_cells(r) for name, r in done.evaluation.items()}, done.choice.label)
+        )
     Console().print(f"{done.choice.summary} -> {done.out} ({done.seconds:.0f}s)", highlight=False)
 
 
@@ -131,12 +132,11 @@ def prune(
         if plan is not None
         else {"criterion": criterion, "sparsity": sparsity, "stats": stats}
     )
-    r = _build(
+    _execute(_build(
         "plan" if plan is not None else "uniform", model, out, seed=seed, device=device, mode=mode,
         max_shard_size=max_shard_size,
         data=_data(data, text_field, num_samples, seq_len), **fields,
-    )  # fmt: skip
-    _execute(r, overwrite=overwrite)
+    ), overwrite=overwrite)  # fmt: skip
 
 
 @app.command()
@@ -152,14 +152,13 @@ def search(
     candidate_batch: Stack = 1,
 ) -> None:  # fmt: skip
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
-    r = _build(
+    _execute(_build(
         "evoesap", model, out, criterion=criterion, sparsity=sparsity,
         data=_data(data, text_field, num_samples, seq_len), stats=stats,
         search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
         population=population, generations=generations, seed=seed, cache=cache, top_k=top_k, device=device,
         candidate_batch=candidate_batch,
-    )  # fmt: skip
-    _execute(r, overwrite=overwrite, resume=resume)
+    ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 
 @app.command("eep-prune")
@@ -176,17 +175,17 @@ def eep_prune(
     seed: Seed = 0, overwrite: Overwrite = False, text_field: TextField = "text", num_samples: Samples = 128,
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
     cache: Cache = "sparse", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
+    resume: Resume = False,
 ) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""
-    r = _build(
+    _execute(_build(
         "eep", model, out, sparsity=sparsity, criterion=criterion,
         data=_data(data, text_field, num_samples, seq_len), stats=stats,
         search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
         population=population, iterations=iterations, merge_iterations=merge_iterations,
         merge_population=merge_population, active_experts=active, seed=seed, cache=cache, top_k=top_k,
         device=device, candidate_batch=candidate_batch,
-    )  # fmt: skip
-    _execute(r, overwrite=overwrite)
+    ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 
 @app.command()
@@ -221,9 +220,7 @@ def run(
     overwrite: Overwrite = False, resume: Resume = False,
 ) -> None:  # fmt: skip
     """Carry out a pruning recipe: prune, save the checkpoint with recipe.yaml, evaluate it if asked."""
-    from .recipe import Recipe
-
-    _execute(Recipe.from_yaml(recipe), overwrite=overwrite, resume=resume)
+    _execute(recipe, overwrite=overwrite, resume=resume)
 
 
 @app.command()
@@ -244,7 +241,6 @@ def demo(
         out, model_dir=model_dir, data_dir=data_dir, criterion=criterion, sparsity=sparsity,
         population=population, generations=generations, seed=seed,
     )  # fmt: skip
-    console.print(f"demo: {criterion} ranking, EvoESAP search ({population} x {generations} generations)")
     _execute(r, overwrite=overwrite)
     files = f"plots: {out}/allocation.png, {out}/fitness.png; results: {out}/evaluation.json"
     Console().print(f"load with moeprune.load('{out}'); {files}", highlight=False)

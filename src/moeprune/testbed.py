@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .errors import MoepruneError
-from .surgery import ExpertPlan, mask_experts
+from .plan import ExpertPlan
+from .surgery import mask_experts
 
 
 def testbed_dirs() -> tuple[Path, Path]:

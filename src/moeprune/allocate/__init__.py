@@ -1,13 +1,14 @@
 """Layer-wise allocation: how many experts each MoE layer loses under one global budget.
 
-Allocators (registry `ALLOCATORS`): ``uniform``, ``given`` (counts supplied by the user) and
-``evoesap`` (evolutionary search maximising a fitness, see `evolution`).
+Allocators (registry `ALLOCATORS`): ``uniform`` (the uniform plan of `moeprune.plan`), ``given``
+(counts supplied by the user) and ``evoesap`` (evolutionary search maximising a fitness: the
+`CountsProblem` of `count_search`, run by `moeprune.evolve`).
 """
 
-from .counts import counts_from_weights, uniform_counts
-from .evolution import EvoConfig, EvoResult, evolve, initial_population, mutate
+from .count_search import CountsProblem, EvoConfig, initial_population, mutate, search_counts
+from .counts import counts_from_weights, uniform_allocation
 from .patterns import INIT_PATTERNS
-from .space import AllocationSpace, Counts, LayerRoom, plan_from_counts
+from .space import AllocationSpace, Counts, RemovalOrder, plan_from_counts
 from .strategies import ALLOCATORS
 
 __all__ = [
@@ -15,13 +16,13 @@ __all__ = [
     "INIT_PATTERNS",
     "AllocationSpace",
     "Counts",
+    "CountsProblem",
     "EvoConfig",
-    "EvoResult",
-    "LayerRoom",
+    "RemovalOrder",
     "counts_from_weights",
-    "evolve",
     "initial_population",
     "mutate",
     "plan_from_counts",
-    "uniform_counts",
+    "search_counts",
+    "uniform_allocation",
 ]

@@ -1,4 +1,4 @@
-"""Pattern weights -> valid per-layer removal counts.
+"""Pattern weights -> valid per-layer removal counts (the initial plans of the EvoESAP search).
 
     n_l = min_l + floor_step(R * w_l / sum(w)) capped at max_l,  R = B - sum(min_l)
 then the remainder goes, one step at a time, to the layers with the largest fractional part
@@ -50,6 +50,10 @@ def counts_from_weights(space: AllocationSpace, weights: Sequence[float]) -> Cou
     return space.check([r.min_remove + e for r, e in zip(rooms, extra, strict=True)])
 
 
-def uniform_counts(space: AllocationSpace) -> Counts:
-    """The same share of the budget in every layer (equal counts when the experts are equal)."""
+def uniform_allocation(space: AllocationSpace) -> Counts:
+    """The uniform plan of `space`: u = `plan.uniform_counts` at the space's sparsity. A space without
+    one (built from a budget, or with user limits that exclude u) spreads its budget in proportion to
+    the layers' experts instead."""
+    if space.uniform is not None:
+        return space.check(space.uniform)
     return counts_from_weights(space, [float(r.num_experts) for r in space.layers])

@@ -1,42 +1,31 @@
 """The search space of layer-wise allocations: per-layer removal counts n_l under one global budget.
 
-Constraints (per MoE layer l with E_l routed experts):
-    sum_l n_l = B                                  (global budget, e.g. round(sparsity * sum_l E_l))
+Constraints (per MoE layer l with E_l routed experts; the rules are `moeprune.plan.LayerBounds`):
+    sum_l n_l = B                  (global budget: B = sum_l u_l, u = `plan.uniform_counts`)
     min_l <= n_l <= max_l, max_l <= E_l - max(top_k, 1)
     n_l divisible by n_group for group-limited routers (every group loses n_l / n_group experts),
         and each selected group keeps enough experts to fill top_k
-plus optional user minimum/maximum removals per layer.
+plus optional user minimum/maximum removals per layer. The uniform plan u is in the space (unless
+the user's limits exclude it), so every plan of the search removes as many experts as uniform.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from ..arch import MoELayer
 from ..errors import PlanError
-from ..surgery import ExpertPlan
+from ..plan import ExpertPlan, LayerBounds, layer_bounds, uniform_counts
 
 Counts = tuple[int, ...]  # n_l per MoE layer, in decoder order
 
 
 @dataclass(frozen=True)
-class LayerRoom:
-    index: int  # decoder layer index
-    num_experts: int
-    step: int  # n_l must be a multiple of this (n_group, else 1)
-    min_remove: int
-    max_remove: int
-
-    def allows(self, n: int) -> bool:
-        return self.min_remove <= n <= self.max_remove and n % self.step == 0
-
-
-@dataclass(frozen=True)
 class AllocationSpace:
-    layers: tuple[LayerRoom, ...]
+    layers: tuple[LayerBounds, ...]
     budget: int
+    uniform: Counts | None = None  # u, when built from a sparsity and allowed by the limits
 
     @classmethod
     def from_layers(
@@ -48,45 +37,31 @@ class AllocationSpace:
         min_remove: Mapping[int, int] | None = None,
         max_remove: Mapping[int, int] | None = None,
     ) -> AllocationSpace:
-        """Rooms from the model's MoE layers; budget B = round(sparsity * total experts), rounded to a
-        multiple of the gcd of the layers' steps, unless `budget` is given."""
-        rooms = []
-        for layer in layers:
-            e, k, g = layer.num_experts, max(layer.top_k, 1), layer.num_groups
-            if g > 1:
-                size = e // g
-                per_group = size - math.ceil(layer.top_k / max(layer.topk_groups, 1))
-                hi = g * max(per_group, 0)
-            else:
-                hi = e - k
-            lo = 0
-            if min_remove and layer.index in min_remove:
-                lo = int(min_remove[layer.index])
-            if max_remove and layer.index in max_remove:
-                hi = min(hi, int(max_remove[layer.index]))
-            lo = -(-lo // g) * g  # round up to a multiple of the step
-            hi = hi // g * g
-            if lo > hi:
-                raise PlanError(
-                    f"layer {layer.index}: no valid removal count between min {lo} and max {hi} "
-                    f"({e} experts, top_k={layer.top_k}, step {g})"
-                )
-            rooms.append(LayerRoom(layer.index, e, g, lo, hi))
-        if not rooms:
+        """Bounds from the model's MoE layers (narrowed by `min_remove`/`max_remove`); budget
+        B = sum of the uniform counts at `sparsity`, unless `budget` is given."""
+        min_remove, max_remove = min_remove or {}, max_remove or {}
+        bounds = tuple(
+            layer_bounds(layer, min_remove.get(layer.index), max_remove.get(layer.index)) for layer in layers
+        )
+        if not bounds:
             raise PlanError("the model has no MoE layers to allocate")
-        total = sum(r.num_experts for r in rooms)
+        total = sum(b.num_experts for b in bounds)
+        uniform = None
         if budget is None:
-            if sparsity is None or not 0.0 <= sparsity < 1.0:
-                raise PlanError(f"sparsity must be in [0, 1), got {sparsity}")
-            gcd = math.gcd(*(r.step for r in rooms))
-            budget = round(sparsity * total / gcd) * gcd
-        lo_sum, hi_sum = sum(r.min_remove for r in rooms), sum(r.max_remove for r in rooms)
+            if sparsity is None:
+                raise PlanError("give a sparsity or a budget")
+            per_layer = uniform_counts(layers, sparsity)
+            uniform = tuple(per_layer[b.index] for b in bounds)
+            budget = sum(uniform)
+            if not all(b.allows(n) for b, n in zip(bounds, uniform, strict=True)):
+                uniform = None  # the user's limits exclude the uniform plan
+        lo_sum, hi_sum = sum(b.min_remove for b in bounds), sum(b.max_remove for b in bounds)
         if not lo_sum <= budget <= hi_sum:
             raise PlanError(
                 f"cannot remove {budget} of {total} routed experts: the per-layer limits allow "
                 f"{lo_sum}..{hi_sum} (each layer keeps at least top_k experts)"
             )
-        return cls(tuple(rooms), int(budget))
+        return cls(bounds, int(budget), uniform)
 
     @property
     def total_experts(self) -> int:
@@ -112,7 +87,11 @@ class AllocationSpace:
         return tuple(int(n) for n in counts)
 
     def as_dict(self) -> dict:
-        return {"budget": self.budget, "layers": [asdict(r) for r in self.layers]}
+        return {
+            "budget": self.budget,
+            "uniform": None if self.uniform is None else list(self.uniform),
+            "layers": [asdict(r) for r in self.layers],
+        }
 
 
 RemovalOrder = Mapping[int, Sequence[int]]  # decoder layer -> expert ids, removed first first
@@ -122,17 +101,17 @@ def plan_from_counts(space: AllocationSpace, order: RemovalOrder, counts: Sequen
     """Remove the first n_l experts of each layer's order (group-limited layers: the first n_l/n_group
     of the order within every group, so each group loses the same number)."""
     removed: dict[int, list[int]] = {}
-    for room, n in zip(space.layers, counts, strict=True):
-        ids = [int(e) for e in order.get(room.index, ())]
-        if sorted(ids) != list(range(room.num_experts)):
+    for bounds, n in zip(space.layers, counts, strict=True):
+        ids = [int(e) for e in order.get(bounds.index, ())]
+        if sorted(ids) != list(range(bounds.num_experts)):
             raise PlanError(
-                f"layer {room.index}: the removal order must list each of the {room.num_experts} experts once"
+                f"layer {bounds.index}: the removal order must list each of the {bounds.num_experts} experts once"
             )
-        if room.step == 1:
-            removed[room.index] = ids[:n]
+        if bounds.step == 1:
+            removed[bounds.index] = ids[:n]
             continue
-        size, per_group = room.num_experts // room.step, n // room.step
-        removed[room.index] = [
-            e for g in range(room.step) for e in [x for x in ids if x // size == g][:per_group]
+        per_group = n // bounds.step
+        removed[bounds.index] = [
+            e for g in range(bounds.step) for e in [x for x in ids if bounds.group_of(x) == g][:per_group]
         ]
     return ExpertPlan.from_removed({k: v for k, v in removed.items() if v})

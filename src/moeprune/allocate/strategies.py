@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..errors import MoepruneError
+from ..evolve import score_each
 from ..registry import Registry
-from .counts import uniform_counts
-from .evolution import EvoConfig, evolve
+from .count_search import EvoConfig, search_counts
+from .counts import uniform_allocation
 from .space import AllocationSpace, Counts
+
+__all__ = ["ALLOCATORS", "Allocator"]
 
 Allocator = Callable[..., Counts]
 ALLOCATORS: Registry[Allocator] = Registry("allocator")
@@ -16,8 +19,8 @@ ALLOCATORS: Registry[Allocator] = Registry("allocator")
 
 @ALLOCATORS.register("uniform")
 def uniform(space: AllocationSpace, **_) -> Counts:
-    """Every layer loses the same share of its experts."""
-    return uniform_counts(space)
+    """The uniform plan u (`plan.uniform_counts`): every layer loses the same share of its experts."""
+    return uniform_allocation(space)
 
 
 @ALLOCATORS.register("given")
@@ -36,7 +39,8 @@ def evoesap(
     config: EvoConfig | None = None,
     **kw,
 ) -> Counts:
-    """The best counts of an evolutionary search maximising ``score`` (see `evolution`)."""
+    """The best counts of an evolutionary search maximising ``score`` (see `count_search`); `kw`
+    goes to `search_counts` (state_path, resume, progress)."""
     if score is None:
         raise MoepruneError("the 'evoesap' allocator needs a score function (counts -> fitness)")
-    return evolve(space, score, config or EvoConfig(), **kw).best
+    return search_counts(space, score_each(score), config or EvoConfig(), **kw).best

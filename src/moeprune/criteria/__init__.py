@@ -9,18 +9,11 @@ reap (scores.py), naee (naee.py), mop (mop.py). Add one with `register(Criterion
     plan = choose_removed(stats, "naee", uniform_counts(stats, 0.5))   # ExpertPlan
 """
 
+from ..plan import max_removable, uniform_counts
 from . import mop, naee, scores  # noqa: F401  (registration)
 from .base import CRITERIA, Criterion, order_by_score, register, score_criterion
 from .observe_for import observe_for
-from .rank import (
-    choose_removed,
-    get_criterion,
-    max_removable,
-    rank,
-    removal_order,
-    supported_criteria,
-    uniform_counts,
-)
+from .rank import choose_removed, get_criterion, rank, removal_order, supported_criteria
 
 __all__ = [
     "CRITERIA",

@@ -28,7 +28,8 @@ from torch import nn
 
 from ..arch import moe_layers
 from ..errors import UnsupportedModelError
-from ..surgery import ExpertPlan, mask_experts, mask_stacked
+from ..plan import ExpertPlan
+from ..surgery import mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
 from .searchset import SearchSet

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..surgery import ExpertPlan, mask_experts
+from ..plan import ExpertPlan
+from ..surgery import mask_experts
 
 
 @dataclass

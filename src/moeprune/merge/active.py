@@ -18,6 +18,7 @@ from torch import nn
 from ..arch import family_of, get_path, moe_layers
 from ..arch.patching import Patches
 from ..errors import MoepruneError, UnsupportedModelError
+from ..plan import max_active_experts
 
 
 def _check_k(model: nn.Module, k: int) -> tuple[list, int]:
@@ -27,7 +28,7 @@ def _check_k(model: nn.Module, k: int) -> tuple[list, int]:
         raise MoepruneError(f"{family.model_type} cannot route to fewer experts: {family.fixed_top_k}")
     layers = moe_layers(model)
     old = active_experts(model)
-    fewest = min(layer.num_experts // layer.num_groups * layer.topk_groups for layer in layers)
+    fewest = min(max_active_experts(layer) for layer in layers)
     if not 1 <= k <= fewest:
         raise MoepruneError(
             f"active experts must be between 1 and {fewest} (the model routes to {old}), got {k}"

@@ -1,49 +1,71 @@
 """EEP merge phase: evolutionary search of the merging matrices M_l (k_l × E_l), anchors fixed.
 
-Starts from the prune phase's selection (M = one-hot rows at the anchors, i.e. plain pruning):
+Starts from the prune phase's selection (M = one-hot rows at the anchors, i.e. plain pruning). The
+engine (`moeprune.evolve`) runs the loop:
 
-    population P: the one-hot plan and P - 1 of its mutants
-    for iteration 1..I:
+    population P: the one-hot plan and P - 1 of its children
+    for iteration (generation) 1..I:
         score the candidates not scored yet (fitness, maximised: ESAP by exact masking with the
             merged weights written into the anchors)
-        keep the best-ever plan; elites = the best E
+        keep the best-ever plan; elites = the best E (ties: population order)
         next population = elites + children; child = crossover of two elites drawn uniformly
             (each row of every M from the second parent with probability p_c = 0.3), then
             Gaussian noise (each entry, with probability p_n = 0.25, += N(0, σ²), σ = 0.065),
             then (optional) every row renormalised to sum 1
 
-Deterministic for a seed (numpy PCG64). The best plan scores at least the one-hot plan it started
-from (elitism), so merging never ends worse than pruning on the search set.
+A candidate is a dict layer -> M (float64 numpy array); its score-cache key is a SHA-256 of the
+arrays' bytes and the state file stores every array exactly (base64 of its float64 bytes).
+Deterministic for a seed (numpy PCG64); resumable. The best plan scores at least the one-hot plan it
+started from (elitism), so merging never ends worse than pruning on the search set.
 """
 
 from __future__ import annotations
 
-import statistics
+import base64
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import MoepruneError
+from ..evolve import EvolutionConfig, evolve
 from .merging import LayerMerge, MergePlan
+
+__all__ = ["Matrices", "MergeConfig", "MergeProblem", "MergeResult", "search_merges"]
+
+Matrices = dict[int, np.ndarray]  # layer -> M (k, E) float64
 
 
 @dataclass(frozen=True)
 class MergeConfig:
     population: int = 8
-    iterations: int = 300
+    iterations: int = 300  # the engine's generations
     elites: int = 2
     sigma: float = 0.065
     noise_probability: float = 0.25
     crossover_probability: float = 0.3
     renormalise: bool = True
     seed: int = 0
+    checkpoint_every: int = 5
 
     def __post_init__(self) -> None:
         if self.population < 2 or self.iterations < 1 or not 1 <= self.elites < self.population:
             raise MoepruneError("population >= 2, iterations >= 1, 1 <= elites < population")
+        self.evolution()
+
+    def evolution(self) -> EvolutionConfig:
+        """The engine's part of the settings."""
+        return EvolutionConfig(
+            population=self.population,
+            generations=self.iterations,
+            elites=self.elites,
+            seed=self.seed,
+            checkpoint_every=self.checkpoint_every,
+        )
 
 
 @dataclass
@@ -56,74 +78,116 @@ class MergeResult:
     seconds: float
 
 
-Matrices = dict[int, np.ndarray]  # layer -> M (k, E) float64
+@dataclass(frozen=True)
+class MergeProblem:
+    """EEP's merge-phase candidates for `evolve`: one merging matrix per layer, anchors fixed."""
+
+    anchors: Mapping[int, tuple[int, ...]]  # kept expert ids per decoder layer, in layer order
+    num_experts: Mapping[int, int]
+    config: MergeConfig
+
+    def start(self) -> Matrices:
+        """The one-hot matrices: plain pruning to the anchors."""
+        return {
+            i: LayerMerge.one_hot(tuple(a), self.num_experts[i]).weights.numpy()
+            for i, a in self.anchors.items()
+        }
+
+    def child(self, a: Matrices, b: Matrices, rng: np.random.Generator) -> Matrices:
+        """Row crossover of `a` with `b`, Gaussian noise, optional row renormalisation (module docstring)."""
+        cfg, child = self.config, {}
+        for layer, m in a.items():
+            rows = rng.random(m.shape[0]) < cfg.crossover_probability  # (k,)
+            c = np.where(rows[:, None], b[layer], m)  # (k, E)
+            noise = rng.normal(0.0, cfg.sigma, m.shape) * (rng.random(m.shape) < cfg.noise_probability)
+            c = c + noise
+            if cfg.renormalise:
+                c = c / c.sum(axis=1, keepdims=True)
+            child[layer] = c
+        return child
+
+    def to_plan(self, ms: Matrices) -> dict[int, LayerMerge]:
+        return {i: LayerMerge(tuple(self.anchors[i]), torch.from_numpy(m)) for i, m in ms.items()}
+
+    def describe(self) -> dict:
+        c = self.config
+        return {
+            "kind": "eep-merge",
+            "anchors": [[int(i), [int(e) for e in a]] for i, a in self.anchors.items()],
+            "num_experts": [[int(i), int(self.num_experts[i])] for i in self.anchors],
+            "sigma": c.sigma,
+            "noise_probability": c.noise_probability,
+            "crossover_probability": c.crossover_probability,
+            "renormalise": c.renormalise,
+        }
+
+    def initial_population(self, rng: np.random.Generator, size: int) -> list[Matrices]:
+        start = self.start()
+        return [start] + [self.child(start, start, rng) for _ in range(size - 1)]
+
+    def offspring(
+        self, elites: list[tuple[Matrices, float]], rng: np.random.Generator, count: int
+    ) -> list[Matrices]:
+        children = []
+        for _ in range(count):
+            a, b = rng.integers(len(elites), size=2)
+            children.append(self.child(elites[int(a)][0], elites[int(b)][0], rng))
+        return children
+
+    def key(self, ms: Matrices) -> str:
+        h = hashlib.sha256()
+        for i, m in ms.items():
+            h.update(f"{i}:{m.shape}:".encode())
+            h.update(np.ascontiguousarray(m, dtype="<f8").tobytes())
+        return h.hexdigest()
+
+    def tie_break(self, ms: Matrices) -> int:
+        return 0  # equal scores keep the population order
+
+    def encode(self, ms: Matrices) -> list:
+        return [
+            [int(i), list(m.shape), base64.b64encode(np.ascontiguousarray(m, dtype="<f8").tobytes()).decode()]
+            for i, m in ms.items()
+        ]
+
+    def decode(self, data: list) -> Matrices:
+        return {
+            int(i): np.frombuffer(base64.b64decode(b), dtype="<f8").reshape(shape).astype(np.float64)
+            for i, shape, b in data
+        }
+
+    def history_extras(self, best: Matrices) -> dict:
+        return {}
 
 
-def _child(a: Matrices, b: Matrices, cfg: MergeConfig, rng: np.random.Generator) -> Matrices:
-    child = {}
-    for layer, m in a.items():
-        rows = rng.random(m.shape[0]) < cfg.crossover_probability  # (k,)
-        c = np.where(rows[:, None], b[layer], m)  # (k, E)
-        noise = rng.normal(0.0, cfg.sigma, m.shape) * (rng.random(m.shape) < cfg.noise_probability)
-        c = c + noise
-        if cfg.renormalise:
-            c = c / c.sum(axis=1, keepdims=True)
-        child[layer] = c
-    return child
-
-
-def eep_merge_search(
+def search_merges(
     anchors: Mapping[int, tuple[int, ...]],
     num_experts: Mapping[int, int],
     score: Callable[[MergePlan], float],
     cfg: MergeConfig = MergeConfig(),
     *,
+    state_path: str | Path | None = None,
+    resume: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> MergeResult:
-    """Maximise ``score(plan)`` over merging matrices with the given anchors (module docstring)."""
+    """Maximise ``score(plan)`` over merging matrices with the given anchors (module docstring).
+    Candidates are scored one at a time (each changes the weights of every layer).
+    `state_path`/`resume`/`progress`: see `evolve.evolve`."""
     t0 = time.perf_counter()
-    rng = np.random.Generator(np.random.PCG64(cfg.seed))
-
-    def to_plan(ms: Matrices) -> dict[int, LayerMerge]:
-        return {i: LayerMerge(tuple(anchors[i]), torch.from_numpy(m)) for i, m in ms.items()}
-
-    start = {i: LayerMerge.one_hot(tuple(a), num_experts[i]).weights.numpy() for i, a in anchors.items()}
-    population: list[Matrices] = [start] + [_child(start, start, cfg, rng) for _ in range(cfg.population - 1)]
-    scores: list[float | None] = [None] * len(population)
-    history: list[dict] = []
-    best, best_score, start_score, evaluations = start, float("-inf"), float("nan"), 0
-    for it in range(1, cfg.iterations + 1):
-        for j, ms in enumerate(population):
-            if scores[j] is None:
-                scores[j] = float(score(to_plan(ms)))
-                evaluations += 1
-        if it == 1:
-            start_score = scores[0]
-        order = sorted(range(len(population)), key=lambda j: -scores[j])
-        if scores[order[0]] > best_score:
-            best, best_score = population[order[0]], scores[order[0]]
-        history.append(
-            {
-                "iteration": it,
-                "best": best_score,
-                "median": statistics.median(scores),
-                "evaluations": evaluations,
-            }
-        )
-        elites = [population[j] for j in order[: cfg.elites]]
-        elite_scores = [scores[j] for j in order[: cfg.elites]]
-        children = []
-        for _ in range(cfg.population - cfg.elites):
-            a, b = rng.integers(len(elites), size=2)
-            children.append(_child(elites[int(a)], elites[int(b)], cfg, rng))
-        population, scores = elites + children, elite_scores + [None] * len(children)
-        if progress is not None:
-            progress(it, best_score)
+    problem = MergeProblem({i: tuple(a) for i, a in anchors.items()}, dict(num_experts), cfg)
+    result = evolve(
+        problem,
+        lambda candidates: [float(score(problem.to_plan(ms))) for ms in candidates],
+        cfg.evolution(),
+        state_path=state_path,
+        resume=resume,
+        progress=progress,
+    )
     return MergeResult(
-        best=to_plan(best),
-        best_score=best_score,
-        start_score=start_score,
-        history=history,
-        evaluations=evaluations,
+        best=problem.to_plan(result.best),
+        best_score=result.best_score,
+        start_score=result.scores[problem.key(problem.start())],
+        history=result.history,
+        evaluations=result.evaluations,
         seconds=time.perf_counter() - t0,
     )

@@ -23,7 +23,8 @@ from torch import nn
 from ..arch import family_of, get_path, moe_layers
 from ..arch.patching import Patches, offloaded_source, transform_offloaded
 from ..errors import MoepruneError
-from ..surgery import ExpertPlan, remove_experts_
+from ..plan import ExpertPlan
+from ..surgery import remove_experts_
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from ..arch import moe_layers
 from ..errors import MoepruneError
+from ..plan import ExpertPlan
 from ..registry import Registry
-from ..surgery import ExpertPlan
 
-STATE_FILE = "search_state.json"  # a search's checkpoint, kept beside the saved checkpoint
+STATE_FILE = "search_state.json"  # EvoESAP's checkpoint, kept beside the saved checkpoint
+STATE_FILES = (STATE_FILE, "eep_prune_state.json", "eep_merge_state.json")  # every search's
 
 
 @dataclass
@@ -53,8 +54,8 @@ class RunContext:
 
     def __init__(self, spec, *, overwrite: bool, resume: bool, progress: bool) -> None:
         from ..data import load_data
+        from ..plan import validate_plan
         from ..recipe import placement
-        from ..surgery import validate_plan
         from ..surgery.checkpoint import check_output_dir, load_tokenizer, skeleton
 
         self.spec, self.progress, self.resume = spec, progress, resume
@@ -65,7 +66,7 @@ class RunContext:
         if resume:
             if not searches:
                 raise MoepruneError(f"--resume continues a search; allocation '{spec.allocation}' has none")
-            if not (self.work / STATE_FILE).exists() and not (self.out / STATE_FILE).exists():
+            if not any((d / n).exists() for d in (self.work, self.out) for n in STATE_FILES):
                 raise MoepruneError(f"nothing to resume: no search state for {self.out}")
             self.overwrite = True
         else:
@@ -153,13 +154,13 @@ class RunContext:
         search = SearchSet.from_tokens(self.search_tokens)
         return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k)
 
-    def state_path(self) -> Path:
-        """The search checkpoint: in the work directory while the run goes on (a finished run's copy
-        in the output directory is where a resume of a finished run starts)."""
+    def state_path(self, name: str = STATE_FILE) -> Path:
+        """A search checkpoint: in the work directory while the run goes on (a finished run's copy in
+        the output directory is where a resume of a finished run starts)."""
         self.work.mkdir(parents=True, exist_ok=True)
-        state = self.work / STATE_FILE
-        if self.resume and not state.exists() and (self.out / STATE_FILE).exists():
-            shutil.copy2(self.out / STATE_FILE, state)
+        state = self.work / name
+        if self.resume and not state.exists() and (self.out / name).exists():
+            shutil.copy2(self.out / name, state)
         elif not self.resume and state.exists():
             state.unlink()  # a stale search of an earlier, unfinished run
         return state

@@ -9,33 +9,17 @@ per layer).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
-from ..allocate import AllocationSpace
-from ..allocate import uniform_counts as spread_uniform
 from ..arch import moe_layers
-from ..criteria import choose_removed, uniform_counts
+from ..criteria import choose_removed
 from ..errors import MoepruneError
+from ..evolve import progress_bar
 from ..fitness import CandidateEvaluator, TeacherRun
-from ..merge import EEPConfig, eep_prune_search, layer_choices
+from ..merge import EEPConfig, MergeConfig, layer_choices, search_merges, search_selections
 from ..merge.active import reduced_active_experts
-from ..merge.merge_search import MergeConfig, eep_merge_search
 from ..merge.merging import expert_plan, merged_weights
-from ..surgery import ExpertPlan, validate_plan
-from .base import PIPELINES, Choice, RunContext
-
-
-@contextmanager
-def _bar(name: str, total: int, enabled: bool):
-    """A rich progress bar over iterations with the best score; yields ``update(it, best)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-        TimeElapsedColumn(), disable=not enabled, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(name, total=total, best="-")
-        yield lambda it, best: bar.update(task, completed=it, best=f"{best:.5f}")
+from ..plan import ExpertPlan, uniform_counts, validate_plan
+from .base import PIPELINES, STATE_FILES, Choice, RunContext
 
 
 def select_experts(
@@ -52,26 +36,34 @@ def select_experts(
     active_experts: int | None = None,
     progress: bool = True,
     candidate_batch: int = 1,
+    state_path=None,
+    resume: bool = False,
+    checkpoint_every: int = 5,
 ):
     """EEP's prune phase: which experts each MoE layer keeps, scored by `fitness` against `teacher` by
     exact masking. How many each layer loses is given: a uniform `sparsity`, or `removed_per_layer`.
     `seeds` join the random initial population; with `active_experts` = k' the candidates route every
-    token to k' experts (the teacher keeps the model's own top-k). Returns `merge.EEPResult`; the
-    model is left unchanged."""
+    token to k' experts (the teacher keeps the model's own top-k). With `state_path` the search is
+    checkpointed every `checkpoint_every` iterations; `resume` continues it. Returns
+    `merge.EEPResult`; the model is left unchanged."""
     if (sparsity is None) == (removed_per_layer is None):
         raise MoepruneError("give exactly one of sparsity or removed_per_layer")
     layers = moe_layers(model)
     if removed_per_layer is None:
-        space = AllocationSpace.from_layers(layers, sparsity=sparsity)
-        removed_per_layer = dict(zip([r.index for r in space.layers], spread_uniform(space), strict=True))
+        removed_per_layer = uniform_counts(layers, sparsity)
     keep = {layer.index: layer.num_experts - int(removed_per_layer.get(layer.index, 0)) for layer in layers}
     choices = layer_choices(layers, keep)
-    cfg = EEPConfig(population=population, iterations=iterations, seed=seed)
+    cfg = EEPConfig(
+        population=population, iterations=iterations, seed=seed, checkpoint_every=checkpoint_every
+    )
     evaluator = CandidateEvaluator(model, teacher, fitness=fitness, candidate_batch=candidate_batch)
-    with reduced_active_experts(model, active_experts), _bar("EEP prune", iterations, progress) as update:
-        return eep_prune_search(
-            choices, lambda plan: evaluator.evaluate(plan).score, cfg, seeds=seeds, progress=update,
-            score_many=lambda plans: [r.score for r in evaluator.evaluate_many(plans)],
+    with (
+        reduced_active_experts(model, active_experts),
+        progress_bar("EEP prune", iterations, progress) as bar,
+    ):
+        return search_selections(
+            choices, lambda plans: [r.score for r in evaluator.evaluate_many(plans)], cfg, seeds=seeds,
+            state_path=state_path, resume=resume, progress=bar,
         )  # fmt: skip
 
 
@@ -86,6 +78,9 @@ def merge_into_anchors(
     seed: int = 0,
     active_experts: int | None = None,
     progress: bool = True,
+    state_path=None,
+    resume: bool = False,
+    checkpoint_every: int = 5,
 ):
     """EEP's merge phase: with `anchors` (the experts each layer keeps) fixed, search the merging
     matrices that fold every expert of a layer into its anchors, scored with the merged weights in
@@ -94,7 +89,9 @@ def merge_into_anchors(
     layers = moe_layers(model)
     kept = validate_plan(model, anchors, layers)
     num_experts = {layer.index: layer.num_experts for layer in layers}
-    cfg = MergeConfig(population=population, iterations=iterations, seed=seed)
+    cfg = MergeConfig(
+        population=population, iterations=iterations, seed=seed, checkpoint_every=checkpoint_every
+    )
     # every candidate changes the weights of every layer: no prefix to reuse
     evaluator = CandidateEvaluator(model, teacher, fitness=fitness, reuse=False)
 
@@ -102,10 +99,14 @@ def merge_into_anchors(
         with merged_weights(model, plan):
             return evaluator.evaluate(expert_plan(model, plan)).score
 
-    with reduced_active_experts(model, active_experts), _bar("EEP merge", iterations, progress) as update:
-        return eep_merge_search(
-            {i: tuple(v) for i, v in kept.items()}, num_experts, score, cfg, progress=update
-        )
+    with (
+        reduced_active_experts(model, active_experts),
+        progress_bar("EEP merge", iterations, progress) as bar,
+    ):
+        return search_merges(
+            {i: tuple(v) for i, v in kept.items()}, num_experts, score, cfg, state_path=state_path, resume=resume,
+            progress=bar,
+        )  # fmt: skip
 
 
 @PIPELINES.register("eep")
@@ -118,10 +119,12 @@ def eep(ctx: RunContext) -> Choice:
         stats = ctx.stats()
         uniform = choose_removed(stats, s.criterion, uniform_counts(stats, s.sparsity), s.seed)
         seeds = (uniform,)
+    states = [ctx.state_path(name) for name in STATE_FILES[1:]]
+    common = dict(resume=ctx.resume, checkpoint_every=search.checkpoint_every, progress=ctx.progress)
     result = select_experts(
         ctx.model, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, population=e.population,
         iterations=e.iterations, seed=s.seed, seeds=seeds, active_experts=e.active_experts,
-        progress=ctx.progress, candidate_batch=search.candidate_batch,
+        candidate_batch=search.candidate_batch, state_path=states[0], **common,
     )  # fmt: skip
     history = {"prune": {"evaluations": result.evaluations, "history": result.history}}
     summary = (
@@ -132,7 +135,8 @@ def eep(ctx: RunContext) -> Choice:
     if e.merge_iterations > 0:
         merged = merge_into_anchors(
             ctx.model, ctx.teacher, result.best, fitness=search.fitness, population=e.merge_population,
-            iterations=e.merge_iterations, seed=s.seed, active_experts=e.active_experts, progress=ctx.progress,
+            iterations=e.merge_iterations, seed=s.seed, active_experts=e.active_experts, state_path=states[1],
+            **common,
         )  # fmt: skip
         merges = merged.best
         history["merge"] = {"evaluations": merged.evaluations, "history": merged.history}
@@ -143,6 +147,7 @@ def eep(ctx: RunContext) -> Choice:
             f"{merged.evaluations} candidates (merging.json)"
         )
     files["eep_history.json"] = json.dumps(history, indent=1) + "\n"
+    files |= {state.name: state.read_text() for state in states if state.exists()}
     record = {
         "allocation": "eep",
         "selection": "eep_prune" + (" + eep_merge" if merges is not None else ""),

@@ -13,13 +13,14 @@ import json
 import time
 from dataclasses import dataclass
 
-from ..allocate import AllocationSpace, EvoConfig, EvoResult, evolve, plan_from_counts, uniform_counts
+from ..allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts, uniform_allocation
 from ..allocate.space import Counts, RemovalOrder
 from ..arch import moe_layers
 from ..criteria import removal_order
+from ..evolve import EvolutionResult, progress_bar
 from ..fitness import CandidateEvaluator, TeacherRun
+from ..plan import ExpertPlan
 from ..report import allocation_png, history_png
-from ..surgery import ExpertPlan
 from .base import PIPELINES, STATE_FILE, Choice, RunContext
 
 PLAN_FILE = "plan.json"
@@ -37,7 +38,7 @@ class SearchOutcome:
     uniform_plan: ExpertPlan
     best_fitness: dict
     uniform_fitness: dict
-    result: EvoResult
+    result: EvolutionResult
     reuse: dict
     teacher: dict
     seconds: float
@@ -70,7 +71,7 @@ def _fitness_dict(r) -> dict:
     return {k: v for k, v in vars(r).items() if v is not None}
 
 
-def search_counts(
+def search_allocation(
     model,
     order: RemovalOrder,
     teacher: TeacherRun,
@@ -92,7 +93,7 @@ def search_counts(
     space = AllocationSpace.from_layers(
         moe_layers(model), sparsity=sparsity, min_remove=min_remove, max_remove=max_remove
     )
-    uniform = uniform_counts(space)
+    uniform = uniform_allocation(space)
     plan_from_counts(space, order, uniform)  # a bad order fails before any candidate runs
     evaluator = CandidateEvaluator(
         model, teacher, fitness=fitness, cache_bytes=cache_bytes, candidate_batch=candidate_batch
@@ -104,10 +105,8 @@ def search_counts(
         details.update(zip(many, results, strict=True))
         return [r.score for r in results]
 
-    result = evolve(
-        space, lambda counts: score_many([counts])[0], config, state_path=state_path, resume=resume,
-        progress=progress, score_many=score_many,
-    )  # fmt: skip
+    with progress_bar("EvoESAP", config.generations, enabled=progress) as bar:
+        result = search_counts(space, score_many, config, state_path=state_path, resume=resume, progress=bar)
     best_r = details.get(result.best) or evaluator.evaluate(plan_from_counts(space, order, result.best))
     uni_r = details.get(uniform) or evaluator.evaluate(plan_from_counts(space, order, uniform))
     return SearchOutcome(
@@ -141,7 +140,7 @@ def evoesap(ctx: RunContext) -> Choice:
         population=search.population, generations=search.generations, seed=s.seed,
         checkpoint_every=search.checkpoint_every,
     )  # fmt: skip
-    outcome = search_counts(
+    outcome = search_allocation(
         ctx.model, order, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, config=config,
         state_path=state, resume=ctx.resume, progress=ctx.progress, min_remove=search.min_remove,
         max_remove=search.max_remove, candidate_batch=search.candidate_batch,

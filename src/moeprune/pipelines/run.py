@@ -16,9 +16,10 @@ from ..arch import family_of, moe_layers
 from ..fitness import CandidateEvaluator, SearchSet
 from ..merge.active import set_active_experts_
 from ..merge.merging import merge_experts_
+from ..plan import ExpertPlan
 from ..recipe import Recipe
 from ..report import evaluation_cells, manifest, markdown_table, model_card
-from ..surgery import ExpertPlan, mask_experts, remove_experts_, save_pruned
+from ..surgery import mask_experts, remove_experts_, save_pruned
 from ..surgery.checkpoint import is_non_uniform
 from .base import PIPELINES, Choice, RunContext
 

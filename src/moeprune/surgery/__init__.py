@@ -1,8 +1,8 @@
 """Structural surgery: remove experts in place, save uniform/non-uniform checkpoints, load them."""
 
+from ..plan import ExpertPlan, validate_plan  # re-exported for compatibility
 from .checkpoint import MANIFEST, load, save_pruned
 from .masking import mask_experts, mask_stacked
-from .plan import ExpertPlan, validate_plan
 from .prune import remove_experts_
 
 __all__ = [

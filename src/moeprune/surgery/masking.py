@@ -37,7 +37,7 @@ from torch import nn
 from ..arch import MoELayer, get_path, moe_layers
 from ..arch.patching import Patches, offloaded_source, onloaded
 from ..errors import MoepruneError
-from .plan import ExpertPlan, validate_plan
+from ..plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
 _PATCH_MARK = "_moeprune_masked"

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from ..arch import MoELayer, family_of, get_path, moe_layers
 from ..arch.patching import offloaded_source, transform_offloaded
 from ..errors import MoepruneError
-from .plan import ExpertPlan, validate_plan
+from ..plan import ExpertPlan, validate_plan
 from .slicing import slice_block_
 
 
@@ -21,6 +21,7 @@ def remove_experts_(model: PreTrainedModel, plan: ExpertPlan | dict) -> dict[int
     On a model dispatched with accelerate offload, an offloaded tensor is sliced on the module (meta,
     shape only) and where its hook reads the real weights (`_slice_offloaded`): forwards and
     ``save_pretrained`` (which reads offloaded weights through the same hooks) see the pruned model.
+    A meta-device skeleton (no hooks) is pruned in shape only (streaming surgery's config and card).
     """
     if not isinstance(plan, ExpertPlan):
         plan = ExpertPlan.from_removed(plan)
@@ -28,9 +29,11 @@ def remove_experts_(model: PreTrainedModel, plan: ExpertPlan | dict) -> dict[int
     layers = moe_layers(model)
     kept = validate_plan(model, plan, layers)
     spec = family.slicing_spec()
+    dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())  # else meta = a skeleton (shapes)
     for layer in layers:
         if len(kept[layer.index]) != layer.num_experts:
-            _slice_offloaded(layer, kept[layer.index])
+            if dispatched:
+                _slice_offloaded(layer, kept[layer.index])
             slice_block_(layer.block, kept[layer.index], spec)
     set_config_counts(model, {layer.index: len(kept[layer.index]) for layer in layers})
     return kept

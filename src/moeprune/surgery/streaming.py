@@ -40,8 +40,8 @@ from safetensors import safe_open
 
 from ..arch import family_of, moe_layers
 from ..errors import MoepruneError, UnsupportedModelError
+from ..plan import ExpertPlan, validate_plan
 from .checkpoint import CARD, MANIFEST, REMOTE_CODE_FILE, shard_bytes, skeleton, write_checkpoint
-from .plan import ExpertPlan, validate_plan
 from .prune import remove_experts_
 
 INDEX = "model.safetensors.index.json"
