@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from moeprune.allocate import (
-    ALLOCATORS,
     INIT_PATTERNS,
     AllocationSpace,
     EvoConfig,
@@ -19,7 +18,7 @@ from moeprune.allocate import (
     uniform_allocation,
 )
 from moeprune.arch import moe_layers
-from moeprune.errors import MoepruneError, PlanError
+from moeprune.errors import PlanError
 from moeprune.evolve import score_each
 from moeprune.fitness import CandidateEvaluator, SearchSet
 from moeprune.plan import LayerBounds, validate_plan
@@ -123,16 +122,12 @@ def test_same_seed_same_plan_and_history():
     assert c.history != a.history
 
 
-def test_allocators_registry():
+def test_uniform_and_given_counts():
     sp = space()
-    assert ALLOCATORS.get("uniform")(sp) == (4,) * 6
-    assert ALLOCATORS.get("given")(sp, counts=[6, 6, 6, 6, 0, 0]) == (6, 6, 6, 6, 0, 0)
+    assert uniform_allocation(sp) == (4,) * 6
+    assert sp.check([6, 6, 6, 6, 0, 0]) == (6, 6, 6, 6, 0, 0)
     with pytest.raises(PlanError):
-        ALLOCATORS.get("given")(sp, counts=[6, 6, 6, 6, 6, 6])
-    best = ALLOCATORS.get("evoesap")(sp, score=synthetic_score, config=EvoConfig(population=8, generations=4))
-    assert sp.is_valid(best)
-    with pytest.raises(MoepruneError, match="did you mean 'evoesap'"):
-        ALLOCATORS.get("evoesap2")
+        sp.check([6, 6, 6, 6, 6, 6])
 
 
 def test_real_search_is_deterministic():
