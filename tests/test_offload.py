@@ -9,6 +9,8 @@ model in memory computes; pruning and saving must write the pruned real weights.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from accelerate import cpu_offload
@@ -219,3 +221,38 @@ def test_patches_restore_exactly_even_on_error():
     with patched(router, "top_k", 1):
         assert router.top_k == 1
     assert router.top_k == 2
+
+
+# --- the CLI with an accelerate device map (--device auto[:limits]) ------------------------------
+
+
+def test_cli_device_auto_with_disk_offload_gives_the_in_memory_results(run_cli, tmp_path):
+    """`--device auto:cpu=SIZE` puts what does not fit on disk; `prune --criterion` and `search` end on
+    the same experts and plan as on the CPU, and the run's offload folder is gone afterwards."""
+    from tiny_tokenizer import TEXT, save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(TEXT)
+    common = ("--criterion", "frequency", "--sparsity", "0.5", "--data", tmp_path / "text.txt",
+              "--num-samples", "4", "--seq-len", "32")  # fmt: skip
+    search = ("--search-data", tmp_path / "text.txt", "--search-samples", "2", "--search-seq-len", "32",
+              "--population", "4", "--generations", "2")  # fmt: skip
+    results = {}
+    for device in ("cpu", "auto:cpu=40KB"):
+        name = device.split(":")[0]
+        code, _, err = run_cli("prune", tmp_path / "model", *common, "--out", tmp_path / f"p-{name}",
+                               "--device", device, "--mode", "memory")  # fmt: skip
+        assert code == 0, err
+        code, _, err = run_cli("search", tmp_path / "model", *common, *search, "--out", tmp_path / f"s-{name}",
+                               "--device", device)  # fmt: skip
+        assert code == 0, err
+        results[name] = [json.loads((tmp_path / f"{d}-{name}" / "moeprune.json").read_text())["removed"]
+                         for d in ("p", "s")]  # fmt: skip
+        assert not (tmp_path / f".s-{name}.run").exists()
+    assert results["cpu"] == results["auto"]
+    recipe = json.loads((tmp_path / "s-auto" / "moeprune.json").read_text())["recipe"]
+    assert recipe["device"] == "auto:cpu=40KB"
+    pruned = load(tmp_path / "p-auto")
+    reference = load(tmp_path / "p-cpu")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, pruned.state_dict()[key]), key

@@ -179,7 +179,7 @@ def observe_checkpoint(
 
 
 def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", dtype=None, **options) -> dict:
-    """`evaluate` each checkpoint (loaded in `dtype`, float32 on a CPU by default): {name: results}.
+    """`evaluate` each checkpoint (loaded in `dtype`, default: the checkpoint's own): {name: results}.
     `suite`: a directory, "testbed" or None; `options`: limit, max_items, lm_eval_include."""
     from .recipe import placement
 
@@ -192,7 +192,7 @@ def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", d
     include = options.get("lm_eval_include")
     if include is not None and not Path(include).is_dir():
         raise MoepruneError(f"lm-eval include {include}: no such directory")
-    where = placement(device, dtype or ("float32" if device == "cpu" else "auto"))
+    where = placement(device, dtype or "auto")
     return {
         name: evaluate(
             load(name, **where), load_tokenizer(name), suite=suite, lm_eval=list(lm_eval), **options

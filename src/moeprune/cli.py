@@ -41,7 +41,7 @@ Seed = Annotated[int, opt("--seed", "Seed of sampling, random criterion, K-means
 Fitness = Annotated[str, opt("--fitness", "esap, kl_teacher_draft, kl_draft_teacher, nll.")]
 Cache = Annotated[str, opt("--cache", "Teacher cache: sparse (top-K + tail) or dense.")]
 TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (sparse cache).")]
-Device = Annotated[str, opt("--device", "Where the model runs: cpu, cuda, cuda:1, mps.")]
+Device = Annotated[str, opt("--device", "cpu, cuda, cuda:1, mps, or auto[:0=70GiB,cpu=200GiB] (accelerate device map + disk offload).")]
 Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")]
 Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")]
 # fmt: on
@@ -64,16 +64,12 @@ def _build(allocation: str, model: str, out: Path, **fields):
 
 
 def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
-    """Run the recipe, print its summary (and evaluation table) on stdout."""
+    """Run the recipe, print its evaluation table and summary on stdout."""
     from . import api
-    from .report import evaluation_cells, table
+    from .report.tables import run_summary
 
-    done = api.run(recipe, overwrite=overwrite, resume=resume)
-    if done.evaluation:
-        Console().print(
-            table({name: evaluation_cells(r) for name, r in done.evaluation.items()}, done.choice.label)
-        )
-    Console().print(f"{done.choice.summary} -> {done.out} ({done.seconds:.0f}s)", highlight=False)
+    for shown in run_summary(api.run(recipe, overwrite=overwrite, resume=resume)):
+        Console().print(shown, highlight=False)
 
 
 def _data(path, text_field: str, samples: int, seq_len: int) -> dict | None:
@@ -198,7 +194,7 @@ def evaluate(
     max_items: Annotated[int | None, opt("--max-items", "Suite generation / multiple-choice items.")] = None,
     out: Annotated[Path | None, opt("--out", "Write every result as JSON here.")] = None,
     device: Device = "cpu",
-    dtype: Annotated[str | None, opt("--dtype", "float32, bfloat16, float16 or auto (default: float32 on a CPU).")] = None,
+    dtype: Annotated[str | None, opt("--dtype", "float32, bfloat16, float16 or auto (default: the checkpoint's).")] = None,
 ) -> None:  # fmt: skip
     """Evaluate checkpoints side by side: the testbed-style suite and/or lm-eval tasks, in process."""
     from . import api

@@ -236,18 +236,33 @@ def one_line(error: ValidationError, where: str = "", names: Callable[[str], str
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def placement(device: str = "cpu", dtype: str = "auto") -> dict:
-    """``from_pretrained`` keywords for `device` and `dtype`; one `MoepruneError` line for a device this
-    machine lacks (the one device/dtype resolver of every entry point)."""
+def placement(device: str = "cpu", dtype: str = "auto", offload_folder: str | Path | None = None) -> dict:
+    """``from_pretrained`` keywords for `device` and `dtype` (the one device/dtype resolver of every
+    entry point); one `MoepruneError` line for a device this machine lacks.
+
+    `device`: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, or ``auto[:LIMITS]`` for an accelerate device map
+    over every device, the CPU and disk (`offload_folder`), with optional per-device memory limits,
+    e.g. ``auto:0=70GiB,1=70GiB,cpu=200GiB`` (what does not fit is offloaded to disk)."""
     import torch
 
     if dtype not in DTYPES:
         raise MoepruneError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    kwargs: dict = {"dtype": dtype}
+    if device == "auto" or device.startswith("auto:"):
+        limits = {}
+        for item in filter(None, device.removeprefix("auto").removeprefix(":").split(",")):
+            key, _, size = item.partition("=")
+            if not size:
+                raise MoepruneError(f"device {device}: '{item}' is not DEVICE=SIZE (e.g. cpu=20GiB, 0=70GiB)")
+            limits[int(key) if key.isdigit() else key] = size
+        kwargs |= {"device_map": "auto", "offload_folder": str(offload_folder) if offload_folder else None}
+        return kwargs | ({"max_memory": limits} if limits else {})
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise MoepruneError(f"device '{device}' is not a device name (cpu, cuda, cuda:1, mps)") from None
-    kwargs: dict = {"dtype": dtype}
+        raise MoepruneError(
+            f"device '{device}' is not a device name (cpu, cuda, cuda:1, mps, auto)"
+        ) from None
     if dev.type == "cpu":
         return kwargs
     backend = getattr(torch, dev.type, None)

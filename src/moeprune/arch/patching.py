@@ -230,3 +230,17 @@ def transform_offloaded(
         hook.weights_map = overlay  # type: ignore[attr-defined]
     else:
         patches.setattr(hook, "weights_map", overlay)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the execution device of its input embeddings under an accelerate
+    device map (their weights may sit on the meta device, offloaded), else its first parameter's."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(embed, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")

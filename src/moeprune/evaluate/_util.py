@@ -28,4 +28,6 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from ..arch.patching import input_device
+
+    return input_device(model)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import moe_layers
+from ..arch.patching import input_device
 from ..errors import UnsupportedModelError
 from ..plan import ExpertPlan
 from ..surgery import mask_experts, mask_stacked
@@ -203,7 +204,7 @@ def run_teacher(
     with a full forward each (correct, without reuse), and the reason is recorded (and warned)."""
     if cache not in CACHE_KINDS:
         raise ValueError(f"teacher cache must be one of {CACHE_KINDS}, got {cache!r}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     search = search.to(device)
     fallback: str | None = None
     try:
@@ -282,7 +283,7 @@ class CandidateEvaluator:
         if candidate_batch < 1:
             raise ValueError(f"candidate_batch must be >= 1, got {candidate_batch}")
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         run = (
             search
             if isinstance(search, TeacherRun)

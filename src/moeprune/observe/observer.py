@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import MoELayer, RouterDecision, decode_router_output, expert_outputs, moe_layers
-from ..arch.patching import Patches
+from ..arch.patching import Patches, input_device
 from ..data import TokenSet
 from .stats import ExpertStats, LayerStats
 
@@ -234,7 +234,7 @@ def observe(
     ``dense_tokens`` > 0 also records, on that many seeded random tokens, every expert's output error
     (for MoP). Runs on the model's device; statistics live on the CPU in float64.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     dense_mask = dense_subsample(data, dense_tokens, seed)  # (B, L)
     names = data.domain_names
     sample_domain = torch.tensor([names.index(d) for d in data.domains], dtype=torch.long)  # (B,)

@@ -77,7 +77,7 @@ class RunContext:
                 )
             check_output_dir(self.out, overwrite)
             self.overwrite = overwrite
-        self.placement = placement(spec.device, spec.dtype)
+        self.placement = placement(spec.device, spec.dtype, offload_folder=self.work / "offload")
         self.skeleton = skeleton(self.source)  # unsupported models fail here
         self.num_experts = {layer.index: layer.num_experts for layer in moe_layers(self.skeleton)}
         self.plan_file = ExpertPlan.from_json(spec.plan) if spec.plan is not None else None

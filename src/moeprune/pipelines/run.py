@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from ..merge.merging import merge_experts_
 from ..plan import ExpertPlan
 from ..recipe import Recipe
 from ..report import evaluation_cells, manifest, markdown_table, model_card
+from ..report.memory import memory_usage
 from ..surgery import mask_experts, remove_experts_, save_pruned
 from ..surgery.checkpoint import is_non_uniform
 from .base import PIPELINES, Choice, RunContext
@@ -32,6 +33,7 @@ class RunResult:
     num_experts: dict[int, int]  # routed experts per MoE layer before pruning
     evaluation: dict[str, dict] | None  # {column: results} when the recipe evaluates
     seconds: float
+    memory: dict = field(default_factory=dict)  # report.memory_usage() at the end of the run
 
 
 def apply_choice(model, choice: Choice) -> dict[int, list[int]]:
@@ -149,7 +151,9 @@ def run(
             max_shard_size=spec.max_shard_size, rewrite=rewrite, progress=ctx.progress,
         )  # fmt: skip
         ctx.clean_up()
-        return RunResult(out, choice, rewrite.kept, ctx.num_experts, None, time.perf_counter() - t0)
+        return RunResult(
+            out, choice, rewrite.kept, ctx.num_experts, None, time.perf_counter() - t0, memory_usage()
+        )
     model = ctx.model
     columns: dict[str, dict] = {}
     heldout = None
@@ -175,4 +179,6 @@ def run(
         source_dtype=getattr(ctx.skeleton.config, "dtype", None), max_shard_size=spec.max_shard_size,
     )  # fmt: skip
     ctx.clean_up()
-    return RunResult(out, choice, kept, ctx.num_experts, columns or None, time.perf_counter() - t0)
+    return RunResult(
+        out, choice, kept, ctx.num_experts, columns or None, time.perf_counter() - t0, memory_usage()
+    )

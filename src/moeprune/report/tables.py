@@ -88,3 +88,19 @@ def write_json(results: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def run_summary(result) -> list:
+    """What a finished run (`pipelines.RunResult`) shows: its evaluation table, then one line with the
+    choice, the output, the time and the memory it took."""
+    from .memory import memory_line
+
+    shown: list = []
+    if result.evaluation:
+        shown.append(
+            table({n: evaluation_cells(r) for n, r in result.evaluation.items()}, result.choice.label)
+        )
+    shown.append(
+        f"{result.choice.summary} -> {result.out} ({result.seconds:.0f}s; {memory_line(result.memory)})"
+    )
+    return shown
