@@ -83,3 +83,19 @@ def test_existing_run_dir_needs_resume(run_cli, setup, tmp_path):
     (out / "x").write_text("")
     code, _, err = run_cli(*search_args(setup, out))
     assert code == 2 and "--resume" in err
+
+
+def test_prune_by_criterion_is_the_searches_uniform_baseline(run_cli, setup, tmp_path):
+    """One meaning of uniform: `prune --criterion` at sparsity s removes exactly the uniform plan
+    that `search` reports as its baseline (at 0.3: round(0.3 x 8) = 2 per layer, not a global 7)."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(*[a if a != "0.5" else "0.3" for a in search_args(setup, out)])
+    assert code == 0, err
+    baseline = json.loads((out / "plan.json").read_text())["uniform_counts_removed"]
+    code, _, err = run_cli(
+        "prune", setup / "model", "--criterion", "frequency", "--sparsity", "0.3", "--data", setup / "calib.txt",
+        "--num-samples", "4", "--seq-len", "32", "--out", tmp_path / "pruned",
+    )  # fmt: skip
+    assert code == 0, err
+    removed = json.loads((tmp_path / "pruned" / "moeprune.json").read_text())["removed"]
+    assert {k: len(v) for k, v in removed.items()} == baseline == {"0": 2, "1": 2, "2": 2}
