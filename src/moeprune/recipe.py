@@ -12,7 +12,7 @@ demo, Python), holding every check once. `api.run` carries a `Recipe` out.
     seed: 0
     device: cpu
 
-Allocations (registry `pipelines.PIPELINES`): ``uniform`` removes the same share in every MoE layer
+Allocations (registry `PIPELINES`, lazily pointing into `moeprune.pipelines`): ``uniform`` removes the same share in every MoE layer
 by the criterion; ``evoesap`` searches the per-layer counts (the criterion fixes the order within a
 layer); ``eep`` searches which experts each layer keeps (seeded with the criterion's plan when one is
 given) and can merge and lower the active experts (``eep:`` section); ``plan`` removes the experts
@@ -30,6 +30,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MoepruneError, did_you_mean
+from .registry import Registry
+
+# The allocations a run can use: name -> pipeline ``choose(ctx) -> Choice`` (moeprune.pipelines),
+# imported when a run asks for it, so that specs check names without importing the pipelines.
+PIPELINES: Registry = Registry("allocation")
+for _name, _target in {
+    "uniform": "moeprune.pipelines.uniform:uniform",
+    "plan": "moeprune.pipelines.uniform:given_plan",
+    "evoesap": "moeprune.pipelines.evoesap:evoesap",
+    "eep": "moeprune.pipelines.eep:eep",
+}.items():
+    PIPELINES.register_lazy(_name, _target)
 
 
 class _Strict(BaseModel):
@@ -43,7 +55,7 @@ def _registered(kind: str, name: str) -> str:
     elif kind == "fitness":
         from .fitness import FITNESS as registry
     elif kind == "allocation":
-        from .pipelines import PIPELINES as registry
+        registry = PIPELINES
     else:  # teacher cache kinds
         from .fitness.teacher import CACHE_KINDS
 

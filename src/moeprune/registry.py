@@ -1,7 +1,11 @@
-"""One tiny registry type for every kind of plugin (criteria, fitness functions, allocators, ...)."""
+"""One tiny registry type for every kind of plugin (criteria, fitness functions, pipelines, ...).
+
+Entries are registered with ``@registry.register("name")``, or lazily by ``"module:attribute"``
+(`register_lazy`): the name is known (and "did you mean" works) without importing the module."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -16,6 +20,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}  # name -> "module:attribute", imported on first `get`
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -26,17 +31,26 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register ``"module:attribute"`` under `name`, imported when first asked for."""
+        if name in self:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        self._lazy[name] = target
+
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._lazy:
+            module, attribute = self._lazy[name].split(":")
+            self._items[name] = getattr(importlib.import_module(module), attribute)
         try:
             return self._items[name]
         except KeyError:
             raise RegistryError(f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._lazy))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

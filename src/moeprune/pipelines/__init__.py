@@ -6,10 +6,10 @@ checkpoint):
     eep       EEP: which experts each layer keeps (and merging, fewer active experts), searched
     plan      the experts a plan file names
 
-A pipeline is ``choose(ctx: RunContext) -> Choice``; add one with ``@PIPELINES.register(name)``.
+A pipeline is ``choose(ctx: RunContext) -> Choice``; `recipe.PIPELINES` names them (lazily, so that
+the specs check an allocation's name without importing this package).
 """
 
-from . import eep, evoesap, uniform  # noqa: F401  (registration)
 from .base import PIPELINES, Choice, RunContext
 from .run import RunResult, apply_choice, run, save_checkpoint
 

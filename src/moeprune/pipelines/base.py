@@ -17,7 +17,7 @@ from pathlib import Path
 from ..arch import moe_layers
 from ..errors import MoepruneError
 from ..plan import ExpertPlan
-from ..registry import Registry
+from ..recipe import PIPELINES  # noqa: F401  (re-exported: the registry of pipelines)
 
 STATE_FILE = "search_state.json"  # EvoESAP's checkpoint, kept beside the saved checkpoint
 STATE_FILES = (STATE_FILE, "eep_prune_state.json", "eep_merge_state.json")  # every search's
@@ -39,8 +39,7 @@ class Choice:
     details: dict = field(default_factory=dict)  # numbers for callers (search outcome, timings)
 
 
-Pipeline = Callable[["RunContext"], Choice]
-PIPELINES: Registry[Pipeline] = Registry("allocation")
+Pipeline = Callable[["RunContext"], Choice]  # what `recipe.PIPELINES` names
 
 
 def work_dir(out: Path) -> Path:

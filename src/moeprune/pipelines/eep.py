@@ -19,7 +19,7 @@ from ..merge import EEPConfig, MergeConfig, layer_choices, search_merges, search
 from ..merge.active import reduced_active_experts
 from ..merge.merging import expert_plan, merged_weights
 from ..plan import ExpertPlan, uniform_counts, validate_plan
-from .base import PIPELINES, STATE_FILES, Choice, RunContext
+from .base import STATE_FILES, Choice, RunContext
 
 
 def select_experts(
@@ -109,7 +109,6 @@ def merge_into_anchors(
         )  # fmt: skip
 
 
-@PIPELINES.register("eep")
 def eep(ctx: RunContext) -> Choice:
     from ..recipe import EEPSpec
 

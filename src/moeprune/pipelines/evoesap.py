@@ -21,7 +21,7 @@ from ..evolve import EvolutionResult, progress_bar
 from ..fitness import CandidateEvaluator, TeacherRun
 from ..plan import ExpertPlan
 from ..report import allocation_png, history_png
-from .base import PIPELINES, STATE_FILE, Choice, RunContext
+from .base import STATE_FILE, Choice, RunContext
 
 PLAN_FILE = "plan.json"
 HISTORY_FILE = "search_history.json"
@@ -130,7 +130,6 @@ def search_allocation(
     )
 
 
-@PIPELINES.register("evoesap")
 def evoesap(ctx: RunContext) -> Choice:
     """Observe (or read stats) -> the criterion's order -> search the counts -> the best plan."""
     s, search = ctx.spec, ctx.spec.search

@@ -5,7 +5,7 @@ file names."""
 from __future__ import annotations
 
 from ..criteria import choose_removed, uniform_counts
-from .base import PIPELINES, Choice, RunContext
+from .base import Choice, RunContext
 
 
 def _summary(plan, num_experts: dict[int, int]) -> str:
@@ -13,7 +13,6 @@ def _summary(plan, num_experts: dict[int, int]) -> str:
     return f"pruned {plan.total_removed()} of {total} routed experts"
 
 
-@PIPELINES.register("uniform")
 def uniform(ctx: RunContext) -> Choice:
     s = ctx.spec
     stats = ctx.stats()
@@ -27,7 +26,6 @@ def uniform(ctx: RunContext) -> Choice:
     return Choice(plan, record, _summary(plan, ctx.num_experts), label="uniform", uniform=plan)
 
 
-@PIPELINES.register("plan")
 def given_plan(ctx: RunContext) -> Choice:
     plan = ctx.plan_file
     return Choice(
