@@ -177,6 +177,21 @@ def _load_state(path: Path, header: dict, config: EvolutionConfig) -> dict:
     return state
 
 
+class IterationSettings:
+    """For a search's config (a dataclass with population, iterations, elites, seed and
+    checkpoint_every) whose `iterations` are the engine's generations."""
+
+    def evolution(self) -> EvolutionConfig:
+        """The engine's part of the settings."""
+        return EvolutionConfig(
+            population=self.population,  # type: ignore[attr-defined]
+            generations=self.iterations,  # type: ignore[attr-defined]
+            elites=self.elites,  # type: ignore[attr-defined]
+            seed=self.seed,  # type: ignore[attr-defined]
+            checkpoint_every=self.checkpoint_every,  # type: ignore[attr-defined]
+        )
+
+
 def evolve(
     problem: Problem[C],
     score_many: Callable[[list[C]], Sequence[float]],

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import MoepruneError
-from ..evolve import EvolutionConfig, evolve
+from ..evolve import IterationSettings, evolve
 from .merging import LayerMerge, MergePlan
 
 __all__ = ["Matrices", "MergeConfig", "MergeProblem", "MergeResult", "search_merges"]
@@ -41,7 +41,7 @@ Matrices = dict[int, np.ndarray]  # layer -> M (k, E) float64
 
 
 @dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(IterationSettings):
     population: int = 8
     iterations: int = 300  # the engine's generations
     elites: int = 2
@@ -56,16 +56,6 @@ class MergeConfig:
         if self.population < 2 or self.iterations < 1 or not 1 <= self.elites < self.population:
             raise MoepruneError("population >= 2, iterations >= 1, 1 <= elites < population")
         self.evolution()
-
-    def evolution(self) -> EvolutionConfig:
-        """The engine's part of the settings."""
-        return EvolutionConfig(
-            population=self.population,
-            generations=self.iterations,
-            elites=self.elites,
-            seed=self.seed,
-            checkpoint_every=self.checkpoint_every,
-        )
 
 
 @dataclass

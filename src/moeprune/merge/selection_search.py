@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoepruneError
-from ..evolve import EvolutionConfig, evolve
+from ..evolve import IterationSettings, evolve
 from ..plan import ExpertPlan, LayerBounds, LayerShape, layer_bounds
 
 __all__ = [
@@ -46,7 +46,7 @@ Selection = tuple[tuple[int, ...], ...]  # kept expert ids per MoE layer (sorted
 
 
 @dataclass(frozen=True)
-class EEPConfig:
+class EEPConfig(IterationSettings):
     population: int = 16
     iterations: int = 100  # the engine's generations
     elites: int = 4
@@ -60,16 +60,6 @@ class EEPConfig:
         if not 0.0 < self.move_probability <= 1.0:
             raise MoepruneError("move_probability must be in (0, 1]")
         self.evolution()
-
-    def evolution(self) -> EvolutionConfig:
-        """The engine's part of the settings."""
-        return EvolutionConfig(
-            population=self.population,
-            generations=self.iterations,
-            elites=self.elites,
-            seed=self.seed,
-            checkpoint_every=self.checkpoint_every,
-        )
 
 
 @dataclass(frozen=True)
