@@ -39,7 +39,7 @@ SearchSamples = Annotated[int, opt("--search-samples", "Search samples (seeded d
 SearchSeqLen = Annotated[int, opt("--search-seq-len", "Tokens per search sample.")]
 Seed = Annotated[int, opt("--seed", "Seed of sampling, random criterion, K-means and the searches.")]
 Fitness = Annotated[str, opt("--fitness", "esap, kl_teacher_draft, kl_draft_teacher, nll.")]
-Cache = Annotated[str, opt("--cache", "Teacher cache: sparse (top-K + tail) or dense.")]
+Cache = Annotated[str, opt("--cache", "Teacher cache: sparse (top-K + tail), dense, or hidden (final states; exact).")]
 TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (sparse cache).")]
 Device = Annotated[str, opt("--device", "cpu, cuda, cuda:1, mps, or auto[:0=70GiB,cpu=200GiB] (accelerate device map + disk offload).")]
 Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")]

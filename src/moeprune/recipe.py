@@ -83,7 +83,7 @@ class SearchSpec(_Strict):
 
     data: DataSpec
     fitness: str = "esap"
-    cache: str = "sparse"  # teacher cache: sparse (top-K + tail) | dense
+    cache: str = "sparse"  # teacher cache: sparse (top-K + tail) | dense | hidden (exact, T x H)
     top_k: int = Field(64, ge=1)
     population: int = Field(32, ge=1)
     generations: int = Field(50, ge=1)

@@ -28,13 +28,13 @@ from torch import nn
 
 from ..arch import moe_layers
 from ..arch.patching import input_device
-from ..errors import UnsupportedModelError
+from ..errors import MoepruneError, UnsupportedModelError
 from ..plan import ExpertPlan
 from ..surgery import mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
 from .searchset import SearchSet
-from .teacher import CACHE_KINDS, CacheKind, TeacherCache, teacher_slice
+from .teacher import CACHE_KINDS, CacheKind, TeacherCache, TeacherSlice, teacher_slice
 
 PrefixKey = tuple[int, tuple[tuple[int, ...], ...]]
 
@@ -217,12 +217,20 @@ def run_teacher(
     records: list[BatchRecord] = []
     slices = []
     for batch, pos in zip(search.batches, positions, strict=True):
-        record = replay.record(batch) if replay is not None else _plain_record(model, batch)
+        if replay is not None:
+            record = replay.record(batch, normed=cache == "hidden")
+        elif cache == "hidden":
+            raise MoepruneError(
+                f"the hidden teacher cache needs layer replay, which this model lacks ({fallback})"
+            )
+        else:
+            record = _plain_record(model, batch)
         if replay is not None and fallback is None and not records:
             fallback = _replay_problem(replay, record)
         logits = record.logits.reshape(-1, record.logits.shape[-1])[pos]  # (n_b, V)
-        slices.append(teacher_slice(logits, cache, top_k))
-        record.logits = None
+        normed = None if record.normed is None else record.normed.reshape(-1, record.normed.shape[-1])[pos]
+        slices.append(teacher_slice(logits, cache, top_k, hidden=normed))  # normed: (n_b, H)
+        record.logits = record.normed = None
         if not keep_calls:
             record.calls = []
         records.append(record)
@@ -512,7 +520,15 @@ class CandidateEvaluator:
             j = min(i + step, rows.shape[0])
             logits = self.replay.head(rows[i:j]) if head else rows[i:j]  # (c, V)
             logq = torch.log_softmax(logits.float(), dim=-1)
-            totals.add(*self.fitness.fn(logq, teacher.rows(i, j), labels[i:j]))
+            totals.add(*self.fitness.fn(logq, self._teacher_rows(teacher, i, j), labels[i:j]))
+
+    def _teacher_rows(self, teacher: TeacherSlice, start: int, stop: int) -> TeacherSlice:
+        """The teacher on scored tokens start..stop-1; a hidden cache recomputes p = softmax(head(h))."""
+        rows = teacher.rows(start, stop)
+        if rows.hidden is None:
+            return rows
+        logits = self.replay.logits_from_normed(rows.hidden)  # (c, V)
+        return TeacherSlice(probs=torch.softmax(logits.float(), dim=-1))
 
     @torch.inference_mode()
     def plain_forward_seconds(self, repeats: int = 1) -> float:

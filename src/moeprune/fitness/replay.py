@@ -53,6 +53,7 @@ class BatchRecord:
         default_factory=list
     )  # per decoder layer: (args after hidden, kwargs)
     logits: torch.Tensor | None = None  # (B, L, V) of the recording forward
+    normed: torch.Tensor | None = None  # (B, L, H) the final norm's output, when asked for
 
 
 def _map_tensors(value, fn):
@@ -143,8 +144,9 @@ class LayerReplay:
         return len(self.layers)
 
     @torch.inference_mode()
-    def record(self, batch: SearchBatch) -> BatchRecord:
-        """One stock forward of `batch`, recording every decoder layer's call."""
+    def record(self, batch: SearchBatch, normed: bool = False) -> BatchRecord:
+        """One stock forward of `batch`, recording every decoder layer's call (and, with `normed`,
+        the final norm's output: what the LM head reads)."""
         calls: list[tuple[tuple, dict] | None] = [None] * self.num_layers
         first: list[torch.Tensor] = []
 
@@ -159,13 +161,18 @@ class LayerReplay:
 
             return hook
 
+        final: list[torch.Tensor] = []
         with Patches() as patches:
             for i, layer in enumerate(self.layers):
                 patches.forward_pre_hook(layer, make_hook(i), with_kwargs=True)
+            if normed:
+                patches.forward_hook(self.norm, lambda m, a, o: final.append(o))
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         if any(c is None for c in calls):
             raise RuntimeError("not every decoder layer was called by the model's forward; cannot replay it")
-        return BatchRecord(layer0_input=first[0], calls=calls, logits=out.logits)  # type: ignore[arg-type]
+        return BatchRecord(
+            layer0_input=first[0], calls=calls, logits=out.logits, normed=final[-1] if final else None
+        )  # type: ignore[arg-type]
 
     def stacked_calls(self, batch: SearchBatch, one: BatchRecord, width: int) -> StackedCalls:
         """`StackedCalls` for `batch` (recorded as `one`) up to `width` copies; costs a forward of 2B rows."""
@@ -198,7 +205,11 @@ class LayerReplay:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last decoder layer's output (B, L, H) -> logits (B, L, V)."""
-        logits = self.lm_head(self.norm(hidden))
+        return self.logits_from_normed(self.norm(hidden))
+
+    def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """The final norm's output (..., H) -> logits (..., V): the LM head and the family's scaling."""
+        logits = self.lm_head(normed)
         s, op = self.logits_scale, self.family.logits_op
         if s is None or (op != "softcap" and s == 1.0):
             return logits

@@ -9,6 +9,11 @@ mass p_tail = 1 - sum_{v in K} p_v. Comparing a draft q against it treats the ta
 
 The sparse ESAP value is ``upper`` (the K+1-outcome ESAP, exact when the two tails are proportional);
 ``lower`` is reported with it.
+
+Hidden keeps, per scored token, the teacher's final hidden state after the final norm, h_t (T x H
+instead of T x V: 1.3% of dense at H = 2048, V = 151,936 in float32), and recomputes
+p_t = softmax(lm_head(h_t)) on the scored rows while a candidate is scored: exact (the same
+computation as the teacher's own head), for one LM-head matmul per candidate.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Literal
 
 import torch
 
-CacheKind = Literal["dense", "sparse"]
-CACHE_KINDS: tuple[str, ...] = ("sparse", "dense")  # what `--cache` accepts
+CacheKind = Literal["dense", "sparse", "hidden"]
+CACHE_KINDS: tuple[str, ...] = ("sparse", "dense", "hidden")  # what `--cache` accepts
 
 
 @dataclass
@@ -30,6 +35,7 @@ class TeacherSlice:
     top_probs: torch.Tensor | None = None  # sparse: (n, K) float32
     top_ids: torch.Tensor | None = None  # sparse: (n, K) int16/int32
     tail: torch.Tensor | None = None  # sparse: (n,) float32
+    hidden: torch.Tensor | None = None  # hidden: (n, H) after the final norm, the model's dtype
 
     @property
     def dense(self) -> bool:
@@ -38,7 +44,7 @@ class TeacherSlice:
     def nbytes(self) -> int:
         return sum(
             t.numel() * t.element_size()
-            for t in (self.probs, self.top_probs, self.top_ids, self.tail)
+            for t in (self.probs, self.top_probs, self.top_ids, self.tail, self.hidden)
             if t is not None
         )
 
@@ -48,11 +54,20 @@ class TeacherSlice:
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[start:stop]
 
-        return TeacherSlice(cut(self.probs), cut(self.top_probs), cut(self.top_ids), cut(self.tail))
+        return TeacherSlice(
+            cut(self.probs), cut(self.top_probs), cut(self.top_ids), cut(self.tail), cut(self.hidden)
+        )
 
 
-def teacher_slice(logits: torch.Tensor, kind: CacheKind, top_k: int) -> TeacherSlice:
-    """logits (n, V) of the scored tokens -> what the cache keeps of them."""
+def teacher_slice(
+    logits: torch.Tensor, kind: CacheKind, top_k: int, hidden: torch.Tensor | None = None
+) -> TeacherSlice:
+    """logits (n, V) of the scored tokens (and, for the hidden cache, their normed final hidden
+    states (n, H)) -> what the cache keeps of them."""
+    if kind == "hidden":
+        if hidden is None:
+            raise ValueError("the hidden teacher cache needs the final hidden states")
+        return TeacherSlice(hidden=hidden.contiguous())
     probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
     if kind == "dense":
         return TeacherSlice(probs=probs)
