@@ -24,32 +24,11 @@ from .surgery import load, remove_experts_
 from .surgery.checkpoint import load_tokenizer, skeleton
 
 __all__ = [
-    "ExpertPlan",
-    "RunResult",
-    "check_model",
-    "criterion_plan",
-    "eep",
-    "eep_merge",
-    "eep_prune",
-    "evaluate",
-    "evaluate_checkpoints",
-    "expert_counts",
-    "load",
-    "load_calibration",
-    "load_tokenizer",
-    "observe",
-    "observe_checkpoint",
-    "prune",
-    "prune_by_criterion",
-    "prune_checkpoint",
-    "recipe",
-    "recipe_fields",
-    "run",
-    "save",
-    "search",
-    "search_set",
-    "stream_prune",
-]
+    "ExpertPlan", "RunResult", "check_model", "criterion_plan", "eep", "eep_merge", "eep_prune", "evaluate",
+    "evaluate_checkpoints", "expert_counts", "load", "load_calibration", "load_tokenizer", "observe",
+    "observe_checkpoint", "prune", "prune_by_criterion", "prune_checkpoint", "recipe", "recipe_fields",
+    "run", "save", "search", "search_set", "stream_prune",
+]  # fmt: skip
 
 
 def check_model(name_or_path: str | Path, plan: ExpertPlan | None = None) -> None:
@@ -154,33 +133,40 @@ def observe(model: PreTrainedModel, data, *, criteria=None, out_dir=None, overwr
     return stats
 
 
-def observe_checkpoint(
-    model: str | Path, out: str | Path, *, data, criteria=None, overwrite=False, seed=0, **options
-):
+def observe_checkpoint(model, out, *, data, criteria=None, overwrite=False, seed=0, device="cpu", **options):
     """Observe a checkpoint once and save its `ExpertStats` to `out` (for ``prune --stats``). `data`: a
     path or `DataSpec` fields; `criteria`: the ones to support (None: all, MoP's dense subsample too);
-    `options`: dense_tokens, batch_size, progress. Inputs are checked before any weight loads."""
+    `device` as in a recipe; `options`: dense_tokens, batch_size, progress. Inputs are checked
+    before any weight loads."""
+    import os
+    import tempfile
+
     from .criteria import get_criterion
-    from .recipe import DataSpec
+    from .recipe import DataSpec, placement
     from .surgery.checkpoint import check_output_dir
 
     check_output_dir(out, overwrite)
     for name in criteria or []:
         get_criterion(name)
     d = DataSpec.model_validate(_data(data))
+    where = placement(
+        device, "auto", offload_folder=Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}"
+    )
     check_model(model)
     tokens = load_calibration(
         d.data, load_tokenizer(model), text_field=d.text_field, seq_len=d.seq_len, num_samples=d.samples,
         per_domain=d.per_domain, seed=seed if d.seed is None else d.seed,
     )  # fmt: skip
-    return observe(
-        load(model), tokens, criteria=criteria, out_dir=out, overwrite=overwrite, seed=seed, **options
-    )
+    loaded = load(model, **where)
+    return observe(loaded, tokens, criteria=criteria, out_dir=out, overwrite=overwrite, seed=seed, **options)
 
 
 def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", dtype=None, **options) -> dict:
     """`evaluate` each checkpoint (loaded in `dtype`, default: the checkpoint's own): {name: results}.
     `suite`: a directory, "testbed" or None; `options`: limit, max_items, lm_eval_include."""
+    import os
+    import tempfile
+
     from .recipe import placement
 
     if suite is None and not lm_eval:
@@ -192,7 +178,11 @@ def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", d
     include = options.get("lm_eval_include")
     if include is not None and not Path(include).is_dir():
         raise MoepruneError(f"lm-eval include {include}: no such directory")
-    where = placement(device, dtype or "auto")
+    where = placement(
+        device,
+        dtype or "auto",
+        offload_folder=Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}",
+    )
     return {
         name: evaluate(
             load(name, **where), load_tokenizer(name), suite=suite, lm_eval=list(lm_eval), **options

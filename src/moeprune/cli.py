@@ -14,8 +14,10 @@ from rich.console import Console
 
 from .errors import MoepruneError
 
+# help text is plain (rich_markup_mode=None): '[expert ids]' in a help line is text, not markup
 app = typer.Typer(name="moeprune", help="Prune experts of Mixture-of-Experts language models and write smaller "
-                  "checkpoints.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
+                  "checkpoints.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # fmt: skip
 console = Console(stderr=True)  # progress, notes and errors; results go to stdout
 
 
@@ -84,7 +86,7 @@ def observe(
     criteria: Annotated[str, opt("--criteria", "Comma-separated criteria to support ('all' includes mop).")] = "all",
     dense_tokens: Annotated[int, opt("--dense-tokens", "Tokens on which every expert runs (only for mop).")] = 2048,
     batch_size: Annotated[int, opt("--batch-size", "Samples per forward pass.")] = 8,
-    seed: Seed = 0, overwrite: Overwrite = False,
+    seed: Seed = 0, overwrite: Overwrite = False, device: Device = "cpu",
 ) -> None:  # fmt: skip
     """Run calibration data through MODEL once and save per-expert statistics for `prune --stats`."""
     from . import api
@@ -92,7 +94,7 @@ def observe(
     names = None if criteria.strip() == "all" else [c.strip() for c in criteria.split(",") if c.strip()]
     stats = api.observe_checkpoint(
         model, out, data=_data(data, text_field, num_samples, seq_len), criteria=names, overwrite=overwrite,
-        seed=seed, dense_tokens=dense_tokens, batch_size=batch_size,
+        seed=seed, dense_tokens=dense_tokens, batch_size=batch_size, device=device,
     )  # fmt: skip
     supported, n = ", ".join(stats.meta["criteria_supported"]), stats.meta["num_tokens"]
     Console().print(f"observed {n} tokens in {len(stats.layers)} MoE layers -> {out} ({supported})")

@@ -141,7 +141,7 @@ def uniform_counts(
 
 
 class _PlanFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # a search's plan.json adds counts and fitness
     removed: dict[int, list[int]]
 
 

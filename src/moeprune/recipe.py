@@ -78,10 +78,17 @@ class DataSpec(_Strict):
     seed: int | None = Field(None, ge=0)  # of the draw; default: the run's seed
 
 
+class SearchDataSpec(DataSpec):
+    """Search data: fewer, shorter windows than calibration by default (every candidate runs on them)."""
+
+    samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=2)
+
+
 class SearchSpec(_Strict):
     """The search data and the evolutionary search (EvoESAP; EEP scores on the same data)."""
 
-    data: DataSpec
+    data: SearchDataSpec
     fitness: str = "esap"
     cache: str = "sparse"  # teacher cache: sparse (top-K + tail) | dense | hidden (exact, T x H)
     top_k: int = Field(64, ge=1)
