@@ -315,3 +315,15 @@ def test_head_chunks_by_device():
     assert head_rows_for(torch.device("cpu"), 6000) == 256
     assert head_rows_for(torch.device("meta"), 6000) == 2**28 // (4 * 6000)
     assert head_rows_for(torch.device("meta"), 10**7) == 256
+
+
+def test_hidden_cache_without_layer_replay_uses_the_dense_cache():
+    """A family whose layers cannot be replayed has no recorded final states: the default hidden cache
+    becomes the (equally exact) dense cache, with a warning."""
+    model = tiny_model("hy_v4")
+    with pytest.warns(UserWarning, match="using the dense cache"):
+        ev = CandidateEvaluator(model, search_set(), cache="hidden")
+    assert ev.teacher.kind == "dense"
+    dense = CandidateEvaluator(model, search_set(), cache="dense")
+    plan = some_plan(model, seed=0)
+    assert ev.evaluate(plan).value == dense.evaluate(plan).value

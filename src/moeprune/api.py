@@ -239,7 +239,7 @@ def _teacher(model, search_data, cache: str, top_k: int, teacher):
     )
 
 
-def eep_prune(model, search_data, *, cache="sparse", top_k=64, teacher=None, **options):
+def eep_prune(model, search_data, *, cache="hidden", top_k=64, teacher=None, **options):
     """EEP's prune phase on a model in memory (left unchanged), scored on `search_data` or against a
     given `teacher` (`fitness.TeacherRun`); `options`: see `pipelines.eep.select_experts`."""
     from .pipelines.eep import select_experts
@@ -247,7 +247,7 @@ def eep_prune(model, search_data, *, cache="sparse", top_k=64, teacher=None, **o
     return select_experts(model, _teacher(model, search_data, cache, top_k, teacher), **options)
 
 
-def eep_merge(model, search_data, anchors: ExpertPlan, *, cache="sparse", top_k=64, teacher=None, **options):
+def eep_merge(model, search_data, anchors: ExpertPlan, *, cache="hidden", top_k=64, teacher=None, **options):
     """EEP's merge phase with `anchors` fixed (model unchanged); `options`: see
     `pipelines.eep.merge_into_anchors`. ``merge.merging.merge_experts_(model, result.best)`` applies it."""
     from .pipelines.eep import merge_into_anchors

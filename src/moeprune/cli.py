@@ -41,7 +41,7 @@ SearchSamples = Annotated[int, opt("--search-samples", "Search samples (seeded d
 SearchSeqLen = Annotated[int, opt("--search-seq-len", "Tokens per search sample.")]
 Seed = Annotated[int, opt("--seed", "Seed of sampling, random criterion, K-means and the searches.")]
 Fitness = Annotated[str, opt("--fitness", "esap, kl_teacher_draft, kl_draft_teacher, nll.")]
-Cache = Annotated[str, opt("--cache", "Teacher cache: sparse (top-K + tail), dense, or hidden (final states; exact).")]
+Cache = Annotated[str, opt("--cache", "Teacher cache: hidden (final states, exact, T x H), sparse (top-K + tail) or dense.")]
 TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (sparse cache).")]
 Device = Annotated[str, opt("--device", "cpu, cuda, cuda:1, mps, or auto[:0=70GiB,cpu=200GiB] (accelerate device map + disk offload).")]
 Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")]
@@ -144,7 +144,7 @@ def search(
     search_data: SearchData, out: Out, data: Data = None, stats: Stats = None, fitness: Fitness = "esap",
     population: Annotated[int, opt("--population", "Plans per generation.")] = 32,
     generations: Annotated[int, opt("--generations", "Generations of the evolutionary search.")] = 50,
-    seed: Seed = 0, resume: Resume = False, overwrite: Overwrite = False, cache: Cache = "sparse",
+    seed: Seed = 0, resume: Resume = False, overwrite: Overwrite = False, cache: Cache = "hidden",
     top_k: TopK = 64, text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256, device: Device = "cpu",
     candidate_batch: Stack = 1,
@@ -172,7 +172,7 @@ def eep_prune(
     active: Annotated[int | None, opt("--active-experts", "Route every token to this many experts.")] = None,
     seed: Seed = 0, overwrite: Overwrite = False, text_field: TextField = "text", num_samples: Samples = 128,
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
-    cache: Cache = "sparse", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
+    cache: Cache = "hidden", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
     resume: Resume = False,
 ) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""

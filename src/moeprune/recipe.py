@@ -90,7 +90,7 @@ class SearchSpec(_Strict):
 
     data: SearchDataSpec
     fitness: str = "esap"
-    cache: str = "sparse"  # teacher cache: sparse (top-K + tail) | dense | hidden (exact, T x H)
+    cache: str = "hidden"  # teacher cache: hidden (exact, T x H) | sparse (top-K + tail bound) | dense
     top_k: int = Field(64, ge=1)
     population: int = Field(32, ge=1)
     generations: int = Field(50, ge=1)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..arch import moe_layers
 from ..arch.patching import input_device
-from ..errors import MoepruneError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..plan import ExpertPlan
 from ..surgery import mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
@@ -211,6 +211,11 @@ def run_teacher(
         replay: LayerReplay | None = LayerReplay(model)
     except UnsupportedModelError as e:  # the family's stack is more than layers -> norm -> head
         replay, fallback = None, str(e)
+    if cache == "hidden" and replay is None:  # its final states come from layer replay: exact dense instead
+        warnings.warn(
+            f"the hidden teacher cache needs layer replay ({fallback}); using the dense cache", stacklevel=3
+        )
+        cache = "dense"
     positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
     labels = [b.labels()[p] for b, p in zip(search.batches, positions, strict=True)]  # (n_b,)
     t0 = time.perf_counter()
@@ -219,10 +224,6 @@ def run_teacher(
     for batch, pos in zip(search.batches, positions, strict=True):
         if replay is not None:
             record = replay.record(batch, normed=cache == "hidden")
-        elif cache == "hidden":
-            raise MoepruneError(
-                f"the hidden teacher cache needs layer replay, which this model lacks ({fallback})"
-            )
         else:
             record = _plain_record(model, batch)
         if replay is not None and fallback is None and not records:
