@@ -142,3 +142,33 @@ def test_hub_dataset_name_goes_through_datasets(monkeypatch, tok):
     ) as err:
         load_data("org/missing", tok)
     assert "\n" not in str(err.value)
+
+
+def test_prompt_completion_rows_score_the_answer_only(tmp_path):
+    """Answer-aware scoring: a prompt/completion row conditions on the prompt and scores the
+    completion and the end-of-sequence token only."""
+    tok = tiny_tokenizer()
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "12+7=", "completion": "19"}])
+    data = load_data(path, tok, seq_len=64, pack=False)
+    n_prompt = len(tok("12+7=")["input_ids"])
+    n_answer = len(tok("19", add_special_tokens=False)["input_ids"]) + 1  # + eos
+    scored = data.score_mask[0].tolist()
+    assert scored[:n_prompt] == [False] * n_prompt
+    assert scored[n_prompt : n_prompt + n_answer] == [True] * n_answer
+    assert sum(scored) == n_answer
+    with pytest.raises(DataError, match="'prompt' and 'completion' must be text"):
+        load_data(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": 3}]), tok)
+
+
+def test_weighted_mixture_of_sources(tmp_path):
+    """`a.jsonl:0.75,b.jsonl:0.25` draws 3 of 4 windows from a and 1 from b; a lone `a.jsonl:1` is a."""
+    tok = tiny_tokenizer()
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"alpha {i} " * 8, "domain": "a"} for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"beta {i} " * 3, "domain": "b"} for i in range(20)])
+    mix = load_data(f"{a}:0.75,{b}:0.25", tok, seq_len=16, num_samples=4, seed=0)
+    assert sorted(mix.domains) == ["a", "a", "a", "b"]
+    assert mix.input_ids.shape[0] == mix.attention_mask.shape[0] == mix.score_mask.shape[0] == 4
+    alone = load_data(f"{a}:1", tok, seq_len=16, num_samples=4, seed=0)
+    assert torch.equal(alone.input_ids, load_data(a, tok, seq_len=16, num_samples=4, seed=0).input_ids)
+    with pytest.raises(DataError, match="PATH:WEIGHT"):
+        load_data(f"{a}:0.5,{b}:-1", tok, seq_len=16)

@@ -70,12 +70,62 @@ def load_data(
     split: str = "train",
     config: str | None = None,
 ) -> TokenSet:
-    """Read `source` (see `read_rows`) and build a `TokenSet` (see `tokenize_rows`)."""
+    """Read `source` (see `read_rows`) and build a `TokenSet` (see `tokenize_rows`). A weighted
+    mixture ``"a.jsonl:0.7,b.jsonl:0.3"`` draws round(w * num_samples) windows from each source."""
     if tokenizer is None:
         raise DataError("the model has no tokenizer, so text data cannot be tokenised")
+    parts = mixture(source)
+    if len(parts) > 1:
+        total = sum(w for _, w in parts)
+        sets = [
+            load_data(
+                path, tokenizer, seq_len=seq_len, pack=pack, seed=seed + k, text_field=text_field,
+                domain_field=domain_field, split=split, config=config, per_domain=per_domain,
+                num_samples=None if num_samples is None else max(1, round(num_samples * w / total)),
+            )
+            for k, (path, w) in enumerate(parts)
+        ]  # fmt: skip
+        return concatenate(sets, tokenizer)
+    source = parts[0][0]
     rows = read_rows(source, text_field=text_field, domain_field=domain_field, split=split, config=config)
     return tokenize_rows(
         rows, tokenizer, seq_len=seq_len, num_samples=num_samples, per_domain=per_domain, pack=pack, seed=seed
+    )
+
+
+def mixture(source: str | Path) -> list[tuple[str, float]]:
+    """``"a.jsonl:0.7,b.jsonl:0.3"`` -> [(path, weight)]; a single source (weight 1) otherwise."""
+    text = str(source)
+    if "," not in text and ":" not in text.rsplit("/", 1)[-1]:
+        return [(text, 1.0)]
+    parts = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        path, _, weight = item.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            path, w = item, 1.0
+        if not path or w <= 0:
+            raise DataError(f"'{item}' in a data mixture is not PATH:WEIGHT with a weight > 0")
+        parts.append((path, w))
+    return parts
+
+
+def concatenate(sets: Sequence[TokenSet], tokenizer) -> TokenSet:
+    """One `TokenSet` of every sample of `sets`, right-padded to the widest."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    width = max(t.input_ids.shape[1] for t in sets)
+
+    def widen(t: torch.Tensor, value) -> torch.Tensor:  # (B, L) -> (B, width)
+        out = torch.full((t.shape[0], width), value, dtype=t.dtype)
+        out[:, : t.shape[1]] = t
+        return out
+
+    return TokenSet(
+        torch.cat([widen(t.input_ids, int(pad)) for t in sets]),
+        torch.cat([widen(t.attention_mask, 0) for t in sets]),
+        torch.cat([widen(t.score_mask, False) for t in sets]),
+        [d for t in sets for d in t.domains],
     )
 
 
@@ -127,6 +177,12 @@ def tokenize_rows(
 
 def _encode(row: Row, tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids of one row and whether each is scored."""
+    if row.prompt is not None:  # answer-aware: the prompt conditions, the completion (+ eos) is scored
+        prompt = list(tokenizer(row.prompt)["input_ids"])
+        answer = list(tokenizer(row.completion, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            answer.append(int(tokenizer.eos_token_id))
+        return prompt + answer, [False] * len(prompt) + [True] * len(answer)
     if row.messages is None:
         ids = list(tokenizer(row.text)["input_ids"])
         if tokenizer.eos_token_id is not None:

@@ -15,11 +15,14 @@ DEFAULT_DOMAIN = "all"
 
 @dataclass(frozen=True)
 class Row:
-    """One calibration example: plain text, or a chat (list of ``{"role", "content"}``)."""
+    """One example: plain text, a chat (list of ``{"role", "content"}``), or a prompt with its
+    completion (only the completion is scored: answer-aware scoring)."""
 
     text: str | None
     messages: tuple[dict, ...] | None
     domain: str = DEFAULT_DOMAIN
+    prompt: str | None = None
+    completion: str | None = None
 
 
 def read_rows(
@@ -33,7 +36,8 @@ def read_rows(
 ) -> list[Row]:
     """Rows of a local ``.jsonl``/``.json``/``.parquet``/``.txt`` file or a Hugging Face dataset name.
 
-    A row uses ``text_field`` if present, else ``messages_field`` (chat). ``domain_field`` is optional
+    A row uses ``text_field`` if present, else ``messages_field`` (chat), else ``prompt`` +
+    ``completion`` (only the completion scored). ``domain_field`` is optional
     per row (missing -> ``"all"``). Raises `DataError` for a missing/unparsable file, an empty set or
     rows without the text field.
     """
@@ -126,6 +130,11 @@ def _to_rows(
                 rows.append(Row(text=text, messages=None, domain=domain))
         elif messages_field in rec:
             rows.append(Row(text=None, messages=_messages(rec[messages_field], where, n), domain=domain))
+        elif "prompt" in rec and "completion" in rec:
+            prompt, completion = rec["prompt"], rec["completion"]
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise DataError(f"{where}: row {n} 'prompt' and 'completion' must be text")
+            rows.append(Row(text=None, messages=None, domain=domain, prompt=prompt, completion=completion))
         else:
             fields = ", ".join(sorted(map(str, rec))) or "none"
             raise DataError(
