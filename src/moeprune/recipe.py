@@ -96,6 +96,8 @@ class SearchSpec(_Strict):
     generations: int = Field(50, ge=1)
     candidate_batch: int = Field(1, ge=1)
     checkpoint_every: int = Field(5, ge=1)
+    gen_tokens: int = Field(64, ge=1)  # on-policy data (prompt rows): tokens the model writes per prompt
+    sample: bool = False  # on-policy: sample (seeded) instead of greedy
     min_remove: dict[int, int] | None = None  # per decoder layer index
     max_remove: dict[int, int] | None = None
 

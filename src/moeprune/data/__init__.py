@@ -24,6 +24,7 @@ rows with a tokenizer that has no chat template.
 """
 
 from .build import TokenSet, load_data, tokenize_rows
+from .onpolicy import continue_prompts, is_prompt_set
 from .sources import Row, read_rows
 
-__all__ = ["Row", "TokenSet", "load_data", "read_rows", "tokenize_rows"]
+__all__ = ["Row", "TokenSet", "continue_prompts", "is_prompt_set", "load_data", "read_rows", "tokenize_rows"]

@@ -177,6 +177,8 @@ def tokenize_rows(
 
 def _encode(row: Row, tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids of one row and whether each is scored."""
+    if row.prompt is not None and row.completion is None:  # a bare prompt reads as text
+        return _encode(Row(text=row.prompt, messages=None, domain=row.domain), tokenizer)
     if row.prompt is not None:  # answer-aware: the prompt conditions, the completion (+ eos) is scored
         prompt = list(tokenizer(row.prompt)["input_ids"])
         answer = list(tokenizer(row.completion, add_special_tokens=False)["input_ids"])

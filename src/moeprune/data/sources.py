@@ -37,7 +37,8 @@ def read_rows(
     """Rows of a local ``.jsonl``/``.json``/``.parquet``/``.txt`` file or a Hugging Face dataset name.
 
     A row uses ``text_field`` if present, else ``messages_field`` (chat), else ``prompt`` +
-    ``completion`` (only the completion scored). ``domain_field`` is optional
+    ``completion`` (only the completion scored; a prompt alone is continued by the model for on-policy
+    search data, `moeprune.data.onpolicy`). ``domain_field`` is optional
     per row (missing -> ``"all"``). Raises `DataError` for a missing/unparsable file, an empty set or
     rows without the text field.
     """
@@ -130,9 +131,9 @@ def _to_rows(
                 rows.append(Row(text=text, messages=None, domain=domain))
         elif messages_field in rec:
             rows.append(Row(text=None, messages=_messages(rec[messages_field], where, n), domain=domain))
-        elif "prompt" in rec and "completion" in rec:
-            prompt, completion = rec["prompt"], rec["completion"]
-            if not isinstance(prompt, str) or not isinstance(completion, str):
+        elif "prompt" in rec:  # with a completion: answer-aware; alone: the model writes it (on-policy)
+            prompt, completion = rec["prompt"], rec.get("completion")
+            if not isinstance(prompt, str) or not isinstance(completion, (str, type(None))):
                 raise DataError(f"{where}: row {n} 'prompt' and 'completion' must be text")
             rows.append(Row(text=None, messages=None, domain=domain, prompt=prompt, completion=completion))
         else:

@@ -95,7 +95,9 @@ class RunContext:
             )  # fmt: skip
 
         self.calibration = tokens(spec.calibration)
-        self.search_tokens = tokens(spec.search.data if spec.search is not None else None)
+        self.search_prompts = self._prompts(spec.search.data) if spec.search is not None else None
+        on_policy = self.search_prompts is not None
+        self.search_tokens = tokens(spec.search.data if spec.search is not None and not on_policy else None)
         self.heldout_tokens = tokens(spec.evaluate.heldout if spec.evaluate is not None else None)
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
@@ -150,8 +152,47 @@ class RunContext:
         from ..fitness import SearchSet, run_teacher
 
         s = self.spec.search
+        if self.search_tokens is None:  # on-policy: the model writes what it is scored on
+            self.search_tokens = self._continue_prompts()
         search = SearchSet.from_tokens(self.search_tokens)
         return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k)
+
+    def _prompts(self, d):
+        """The search rows when they are prompts for on-policy data (else None); read (and so checked)
+        before any weight loads."""
+        from ..data import is_prompt_set, read_rows
+        from ..data.build import mixture
+
+        if len(mixture(d.data)) > 1:
+            return None
+        rows = read_rows(d.data, text_field=d.text_field)
+        return rows if is_prompt_set(rows) else None
+
+    def _continue_prompts(self):
+        """On-policy search data: the unpruned model continues the prompts (greedy, or sampled with
+        the seed); kept in the work directory, keyed by everything that decides it, for a resume."""
+        import hashlib
+        import json
+
+        import torch
+
+        from ..data import TokenSet, continue_prompts
+
+        s, d = self.spec.search, self.spec.search.data
+        seed = self.spec.seed if d.seed is None else d.seed
+        key = json.dumps(
+            [self.source, d.model_dump(), s.gen_tokens, s.sample, seed], sort_keys=True, default=str
+        )
+        cached = self.work / f"onpolicy-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        if cached.exists():
+            return TokenSet(**torch.load(cached))
+        data = continue_prompts(
+            self.model, self.tokenizer, self.search_prompts, gen_tokens=s.gen_tokens, num_samples=d.samples,
+            sample=s.sample, seed=seed,
+        )  # fmt: skip
+        self.work.mkdir(parents=True, exist_ok=True)
+        torch.save(vars(data), cached)
+        return data
 
     def state_path(self, name: str = STATE_FILE) -> Path:
         """A search checkpoint: in the work directory while the run goes on (a finished run's copy in

@@ -1,0 +1,62 @@
+"""On-policy search data: the unpruned model continues prompt rows, only its tokens are scored, the
+same seed gives the same tokens, and a search runs on them through the one pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeprune.data import continue_prompts, is_prompt_set, read_rows
+from moeprune.errors import DataError
+from tiny_models import tiny_model
+from tiny_tokenizer import TEXT, save_tiny_checkpoint, tiny_tokenizer
+
+PROMPTS = [{"prompt": line[: 8 + i]} for i, line in enumerate(TEXT.splitlines()[:6])]
+
+
+def write_prompts(path, rows=PROMPTS):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_continuations_are_scored_alone_and_repeat_for_a_seed(tmp_path, sample):
+    model, tok = tiny_model("qwen3_moe"), tiny_tokenizer()
+    rows = read_rows(write_prompts(tmp_path / "p.jsonl"))
+    assert is_prompt_set(rows)
+    a = continue_prompts(model, tok, rows, gen_tokens=5, num_samples=4, sample=sample, seed=3)
+    b = continue_prompts(model, tok, rows, gen_tokens=5, num_samples=4, sample=sample, seed=3)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.score_mask, b.score_mask)
+    assert len(a) == 4
+    for i in range(len(a)):
+        scored = a.score_mask[i].nonzero().flatten().tolist()
+        real = int(a.attention_mask[i].sum())
+        assert 1 <= len(scored) <= 5 and scored == list(range(real - len(scored), real))  # the tail
+    if sample:  # another seed draws other continuations
+        c = continue_prompts(model, tok, rows, gen_tokens=5, num_samples=4, sample=True, seed=4)
+        assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_only_prompts_are_continued(tmp_path):
+    rows = read_rows(write_prompts(tmp_path / "t.jsonl", [{"text": "a b c"}]))
+    assert not is_prompt_set(rows)
+    with pytest.raises(DataError, match="needs prompts"):
+        continue_prompts(tiny_model("qwen3_moe"), tiny_tokenizer(), rows)
+
+
+def test_search_on_prompts_scores_the_models_own_continuations(run_cli, tmp_path):
+    save_tiny_checkpoint(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        "search", tmp_path / "model", "--criterion", "frequency", "--sparsity", "0.5", "--data",
+        tmp_path / "calib.txt", "--num-samples", "4", "--seq-len", "32", "--search-data", prompts,
+        "--search-samples", "4", "--population", "4", "--generations", "2", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    history = json.loads((out / "search_history.json").read_text())
+    assert 4 <= history["teacher"]["scored_tokens"] <= 4 * 64  # generated tokens only (gen_tokens 64)
+    assert not (tmp_path / ".run.run").exists()
