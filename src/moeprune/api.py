@@ -50,8 +50,14 @@ __all__ = [
 
 def check_model(name_or_path: str | Path, plan: ExpertPlan | None = None) -> None:
     """Fail fast, before loading any weight, when `name_or_path` is not a supported MoE model or
-    `plan` does not fit it (the check runs on a meta-device skeleton of the model)."""
+    `plan` does not fit it (the check runs on a meta-device skeleton of the model); a local folder's
+    weight files must be there and whole."""
+    from .preflight import check_weights, model_source
+
     model = skeleton(name_or_path)
+    folder = model_source(name_or_path)
+    if folder is not None:
+        check_weights(folder)
     if plan is not None:
         validate_plan(model, plan)
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import MoepruneError
 
@@ -106,32 +107,35 @@ def observe(
     out: Annotated[Path, opt("--out", "Directory for the expert statistics.")],
     text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     criteria: Annotated[str, opt("--criteria", "Comma-separated criteria to support ('all' includes mop).")] = "all",
-    dense_tokens: Annotated[int, opt("--dense-tokens", "Tokens on which every expert runs (only for mop).")] = 2048,
-    batch_size: Annotated[int, opt("--batch-size", "Samples per forward pass.")] = 8,
+    dense_tokens: Annotated[int, opt("--dense-tokens", "Tokens on which every expert runs (only for mop).", min=1)] = 2048,
+    batch_size: Annotated[int, opt("--batch-size", "Samples per forward pass.", min=1)] = 8,
     seed: Seed = 0, overwrite: Overwrite = False,
 ) -> None:  # fmt: skip
     """Run calibration data through MODEL once and save per-expert statistics for `prune --stats`."""
     from . import api
     from .criteria import get_criterion
-    from .surgery.checkpoint import check_output_dir
+    from .recipe import DataSpec
+    from .surgery.checkpoint import check_output_dir, output_lock
 
-    check_output_dir(out, overwrite)
+    flags = {"samples": "--num-samples", "seq_len": "--seq-len", "seed": "--seed", "data": "--data"}
+    d = DataSpec.build(
+        {"data": data, "text_field": text_field, "samples": num_samples, "seq_len": seq_len, "seed": seed},
+        names=flags,
+    )
+    check_output_dir(out, overwrite, inputs=(model, data))
     names = None if criteria.strip() == "all" else [c.strip() for c in criteria.split(",") if c.strip()]
     for name in names or []:
         get_criterion(name)
     api.check_model(model)
-    tokens = api.load_calibration(
-        data,
-        api.load_tokenizer(model),
-        text_field=text_field,
-        seq_len=seq_len,
-        num_samples=num_samples,
-        seed=seed,
-    )
-    stats = api.observe(
-        api.load(model), tokens, criteria=names, dense_tokens=dense_tokens, batch_size=batch_size, seed=seed,
-        out_dir=out, overwrite=overwrite,
-    )  # fmt: skip
+    with output_lock(out):
+        tokens = api.load_calibration(
+            d.data, api.load_tokenizer(model), text_field=d.text_field, seq_len=d.seq_len,
+            num_samples=d.samples, seed=d.seed,
+        )  # fmt: skip
+        stats = api.observe(
+            api.load(model), tokens, criteria=names, dense_tokens=dense_tokens, batch_size=batch_size,
+            seed=d.seed, out_dir=out, overwrite=overwrite,
+        )  # fmt: skip
     Console().print(
         f"observed {stats.meta['num_tokens']} tokens in {len(stats.layers)} MoE layers -> {out} "
         f"(criteria: {', '.join(stats.meta['criteria_supported'])})"
@@ -252,6 +256,8 @@ def evaluate(
     if lm_eval_include is not None and not lm_eval_include.is_dir():
         raise MoepruneError(f"--lm-eval-include {lm_eval_include}: no such directory")
     where = placement(device, dtype or ("float32" if device == "cpu" else "auto"))
+    for name in models:
+        api.check_model(name)  # every model readable before the first one loads
     results = {}
     for name in models:
         results[name] = api.evaluate(
@@ -331,36 +337,85 @@ def families() -> None:
     Console().print(table(cols))
 
 
-def main() -> None:
-    """Entry point: user and usage errors become one line on stderr and exit code 2."""
-    import click
+def _exception_types() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, aborts, exits) of click and of the click that typer vendors (typer >= 0.22 raises
+    its own copies, which click's classes do not catch)."""
+    import importlib
 
+    usage: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    exits: list[type] = [typer.Exit]
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr, into in (
+            ("ClickException", usage),
+            ("TyperException", usage),
+            ("Abort", aborts),
+            ("Exit", exits),
+        ):
+            if isinstance(getattr(module, attr, None), type):
+                into.append(getattr(module, attr))
+    return tuple(usage), tuple(aborts), tuple(exits)
+
+
+def _interrupt(error: BaseException | None):
+    """The `Interrupted` behind `error` (typer turns a KeyboardInterrupt into ``Exit(130)``)."""
+    from .errors import Interrupted
+
+    while error is not None:
+        if isinstance(error, Interrupted):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+
+
+def main() -> None:
+    """Entry point. Usage, input, model-loading and I/O errors are one line on stderr and exit code 2;
+    Ctrl-C or SIGTERM removes partial output, says so and exits 130/143; a bug keeps its traceback."""
+    import signal
+
+    from .errors import Interrupted
+    from .interrupts import raise_on_signals
+    from .quiet import quiet_third_party
+
+    usage, aborts, exits = _exception_types()
+    quiet_third_party(console)
     try:
-        from typer._click import exceptions as vendored
-    except ImportError:  # typer releases that use click itself
-        vendored = click.exceptions
-    usage = (click.exceptions.ClickException, vendored.ClickException)
-    try:
-        code = app(standalone_mode=False)
+        with raise_on_signals():
+            code = app(standalone_mode=False, prog_name="moeprune")
     except MoepruneError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _fail(escape(str(e)))
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt, click.exceptions.Abort, vendored.Abort):
-        console.print("aborted (Ctrl-C); nothing was written", highlight=False)
-        sys.exit(130)
     except usage as e:
         if type(e).__name__ == "NoArgsIsHelpError":
-            console.print(e.format_message(), highlight=False)
-        else:
-            command = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None else ""
-            console.print(
-                f"[bold red]error:[/] {e.format_message()} (see moeprune{command} --help)",
-                highlight=False,
-                soft_wrap=True,
+            ctx = getattr(e, "ctx", None)  # bare `moeprune`: the help on stdout (typer's rich help prints it)
+            text = (
+                ctx.get_help() if ctx is not None else "usage: moeprune COMMAND [OPTIONS] (moeprune --help)"
             )
+            if text:
+                print(text)
+        else:
+            ctx = getattr(e, "ctx", None)
+            command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            _fail(escape(f"{' '.join(message.split())} (see moeprune{command} --help)"))
         sys.exit(2)
+    except (*aborts, *exits, KeyboardInterrupt, Interrupted) as e:
+        stop = _interrupt(e)
+        if stop is None and isinstance(e, exits):
+            sys.exit(e.exit_code)
+        signum = stop.signum if stop is not None else signal.SIGINT
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        note = getattr(stop or e, "moeprune_note", "nothing was written")
+        console.print(f"interrupted ({name}); {note}", highlight=False, soft_wrap=True)
+        sys.exit(128 + signum)
     sys.exit(code if isinstance(code, int) else 0)
 
 

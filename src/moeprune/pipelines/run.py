@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..arch import family_of, moe_layers
+from ..errors import Interrupted, MoepruneError
 from ..fitness import CandidateEvaluator, SearchSet
 from ..merge.active import set_active_experts_
 from ..merge.merging import merge_experts_
@@ -20,7 +21,7 @@ from ..recipe import Recipe
 from ..report import evaluation_cells, manifest, markdown_table, model_card
 from ..surgery import ExpertPlan, mask_experts, remove_experts_, save_pruned
 from ..surgery.checkpoint import is_non_uniform
-from .base import PIPELINES, Choice, RunContext
+from .base import IDENTITY_FILE, PIPELINES, STATE_FILE, Choice, RunContext
 
 
 @dataclass
@@ -99,6 +100,22 @@ def run(
     t0 = time.perf_counter()
     spec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
     ctx = RunContext(spec, overwrite=overwrite, resume=resume, progress=progress)
+    try:
+        result = _carry_out(ctx, t0)
+    except BaseException as e:
+        note = ctx.abandon()
+        if isinstance(e, MoepruneError) and note != "nothing was written":
+            e.args = (f"{e}; {note}",)
+        elif isinstance(e, KeyboardInterrupt | Interrupted):
+            e.moeprune_note = note
+        raise
+    finally:
+        ctx.close()
+    return result
+
+
+def _carry_out(ctx: RunContext, t0: float) -> RunResult:
+    spec = ctx.spec  # as checked (data lengths fitted to the model)
     choice = PIPELINES.get(spec.allocation)(ctx)
     model, ev = ctx.model, spec.evaluate
     columns: dict[str, dict] = {}
@@ -116,6 +133,8 @@ def run(
     if ev is not None:
         columns[choice.label] = _evaluate(ctx, model, None, heldout)
     files = dict(choice.files) | {"recipe.yaml": spec.to_yaml()}
+    if STATE_FILE in files and ctx.identity is not None:
+        files[IDENTITY_FILE] = ctx.identity_json()  # what `--resume` of the finished run must match
     if columns:
         files["evaluation.json"] = (
             json.dumps(columns if ev.baselines else columns[choice.label], indent=1, default=str) + "\n"

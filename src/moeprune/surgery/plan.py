@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from ..arch import MoELayer, moe_layers
 from ..errors import PlanError
@@ -15,7 +15,7 @@ from ..errors import PlanError
 
 class _PlanFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    removed: dict[int, list[int]]
+    removed: dict[int, list[StrictInt]]  # expert ids: integers, not true/false or "3"
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class ExpertPlan:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
+        except IsADirectoryError:
+            raise PlanError(f"plan file {path} is a directory; give the plan's JSON file") from None
+        except OSError as e:
+            raise PlanError(f"plan file {path} cannot be read ({e.strerror or e})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(
                 f'plan file {path} is not valid JSON ({e}); expected {{"removed": {{"0": [3, 5]}}}}'
