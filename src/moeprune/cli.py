@@ -86,7 +86,8 @@ def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
     from . import api
     from .report import evaluation_cells, table
 
-    done = api.run(recipe, overwrite=overwrite, resume=resume)
+    # progress bars on a terminal only (in a log or a pipe they are noise)
+    done = api.run(recipe, overwrite=overwrite, resume=resume, progress=console.is_terminal)
     if done.evaluation:
         columns = {name: evaluation_cells(r) for name, r in done.evaluation.items()}
         Console().print(table(columns, f"{recipe.allocation} at {recipe.sparsity or 0:.0%}"))
@@ -122,7 +123,7 @@ def observe(
         {"data": data, "text_field": text_field, "samples": num_samples, "seq_len": seq_len, "seed": seed},
         names=flags,
     )
-    check_output_dir(out, overwrite, inputs=(model, data))
+    check_output_dir(out, overwrite, inputs=(data,), model=model)
     names = None if criteria.strip() == "all" else [c.strip() for c in criteria.split(",") if c.strip()]
     for name in names or []:
         get_criterion(name)

@@ -125,17 +125,29 @@ def _sha(data: bytes) -> str:
 
 
 def model_fingerprint(name: str, config) -> dict:
-    """What identifies a model: its config and, for a local folder, the names and sizes of its weight
-    files (a hub model: its id and the commit the config came from)."""
+    """What identifies a model: its config and, for a local folder, its weight files (name, size, first
+    and last MiB); a hub model: its id and the commit the config came from."""
     canon = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     out = {"config": _sha(json.dumps(canon, sort_keys=True, default=str).encode())}
     folder = Path(name).expanduser()
     if folder.is_dir():
-        files = check_weights(folder)
-        out["weights"] = {p.name: p.stat().st_size for p in files}
+        out["weights"] = {p.name: _file_sample(p) for p in check_weights(folder)}
     else:
         out["hub"] = {"id": str(name), "commit": getattr(config, "_commit_hash", None)}
     return out
+
+
+def _file_sample(path: Path, span: int = 2**20) -> str:
+    """sha256 (16 hex) of a file's size, first and last MiB: tells weight files apart without reading
+    them whole (a safetensors file starts with its header: names, shapes, offsets)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return h.hexdigest()[:16]
 
 
 def folder_fingerprint(folder: str | Path) -> str:

@@ -84,13 +84,13 @@ class RunContext:
         self.out = Path(spec.out)
         self.work = work_dir(self.out)
         self.identity: dict | None = None
-        inputs = (spec.model, spec.plan, spec.stats) + tuple(
-            d.data for d in _data_specs(spec).values() if d is not None
-        )
+        inputs = (spec.plan, spec.stats) + tuple(d.data for d in _data_specs(spec).values() if d is not None)
         searches = spec.allocation in ("evoesap", "eep")
         if spec.plan is not None:
             check_readable_file(spec.plan, "plan file")
-        check_output_dir(self.out, True, inputs=inputs)  # where it is; whether it may exist: below
+        check_output_dir(
+            self.out, True, inputs=inputs, model=spec.model
+        )  # where it is; whether it may exist: below
         self._stack.enter_context(output_lock(self.out))
         if resume:
             if not searches:
@@ -111,7 +111,8 @@ class RunContext:
         folder = model_source(self.source)
         if folder is not None:
             check_weights(folder)  # missing, truncated or corrupt weight files fail here
-        self.spec = spec = _fit_positions(spec, max_positions(self.skeleton.config))
+        self.spec, notes = _fit_positions(spec, max_positions(self.skeleton.config))
+        spec = self.spec
         self.num_experts = {layer.index: layer.num_experts for layer in moe_layers(self.skeleton)}
         self.plan_file = None
         if spec.plan is not None:
@@ -140,6 +141,8 @@ class RunContext:
             self.identity = self._identity()
             if resume:
                 self._check_identity()
+        for note in notes:  # once every check passed: a failing run says only what failed
+            warnings.warn(note, MoepruneWarning, stacklevel=4)
 
     def _load_stats(self, path: str):
         from ..criteria import get_criterion
@@ -270,7 +273,8 @@ class RunContext:
                 "(made by an older moeprune or damaged); start over with --overwrite"
             ) from None
         now = json.loads(self.identity_json())
-        for key in now.keys() | saved.keys():
+        order = {k: i for i, k in enumerate(IDENTITY_NAMES)}
+        for key in sorted(now.keys() | saved.keys(), key=lambda k: (order.get(k, len(order)), k)):
             if now.get(key) != saved.get(key):
                 name, was, asked = IDENTITY_NAMES.get(key, key), saved.get(key), now.get(key)
                 if key in _FINGERPRINTS:
@@ -303,11 +307,11 @@ IDENTITY_FILE = "identity.json"
 # identity keys -> how the user sets them
 IDENTITY_NAMES = {
     "allocation": "the allocation", "model": "the model (its config or weight files)", "dtype": "--dtype",
-    "sparsity": "--sparsity", "criterion": "--criterion",
+    "seed": "--seed", "sparsity": "--sparsity", "criterion": "--criterion",
     "statistics": "the criterion's statistics (--data/--num-samples/--seq-len or --stats)",
     "fitness": "--fitness", "cache": "--cache", "top_k": "--top-k",
     "search_data": "the search data (--search-data/--search-samples/--search-seq-len)",
-    "min_remove": "search.min_remove", "max_remove": "search.max_remove", "seed": "--seed",
+    "min_remove": "search.min_remove", "max_remove": "search.max_remove",
     "population": "--population", "generations": "--generations", "eep.population": "--population",
     "eep.iterations": "--iterations", "eep.merge_population": "--merge-population",
     "eep.merge_iterations": "--merge-iterations", "eep.active_experts": "--active-experts",
@@ -329,18 +333,17 @@ def _data_specs(spec) -> dict:
 
 
 def _fit_positions(spec, positions: int | None):
-    """`spec` with every data length cut to the model's positions (a warning says so)."""
+    """`spec` with every data length cut to the model's positions, and the notes that say so."""
+    notes: list[str] = []
     if positions is None:
-        return spec
+        return spec, notes
 
     def fit(d, flag):
         if d is None or d.seq_len <= positions:
             return d
-        warnings.warn(
+        notes.append(
             f"{flag} {d.seq_len} is longer than the model's {positions} positions "
-            f"(max_position_embeddings); using {positions}",
-            MoepruneWarning,
-            stacklevel=3,
+            f"(max_position_embeddings); using {positions}"
         )
         return d.model_copy(update={"seq_len": positions})
 
@@ -354,4 +357,4 @@ def _fit_positions(spec, positions: int | None):
         update["evaluate"] = spec.evaluate.model_copy(
             update={"heldout": fit(spec.evaluate.heldout, "evaluate.heldout.seq_len")}
         )
-    return spec.model_copy(update=update)
+    return spec.model_copy(update=update), notes

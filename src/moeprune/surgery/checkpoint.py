@@ -28,27 +28,29 @@ MANIFEST = "moeprune.json"
 REMOTE_CODE_FILE = "modeling_moeprune.py"
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool, *, inputs: tuple = ()) -> Path:
+def check_output_dir(out_dir: str | Path, overwrite: bool, *, inputs: tuple = (), model=None) -> Path:
     """Fail early (before any work) when `out_dir` exists and `overwrite` is off, is not a folder, lies
-    under a file or an unwritable folder, or is (inside, or holds) one of `inputs` (the model, plan,
-    statistics, data), which replacing it would destroy."""
+    under a file or an unwritable folder, is one of `inputs` (the model, plan, statistics, data) or
+    holds one (replacing it would destroy it), or lies inside the `model` folder."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise MoepruneError(f"output directory {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise MoepruneError(f"output path {out} exists and is not a directory")
     target = out.expanduser().absolute()
-    for item in inputs:
+    where = target.parent.resolve() / target.name
+    for item in (model, *inputs):
         if item is None or not Path(item).expanduser().exists():
             continue
         source = Path(item).expanduser().resolve()
-        where = target.parent.resolve() / target.name
-        if where == source or source in where.parents:
-            raise MoepruneError(f"output directory {out} is the input {item} or inside it; write elsewhere")
+        if where == source:
+            raise MoepruneError(f"output directory {out} is the input {item}; write elsewhere")
         if where in source.parents:
             raise MoepruneError(
                 f"output directory {out} holds the input {item}; replacing it would delete it"
             )
+        if item is model and source in where.parents:
+            raise MoepruneError(f"output directory {out} is inside the input model {item}; write elsewhere")
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
