@@ -88,9 +88,8 @@ class RunContext:
         searches = spec.allocation in ("evoesap", "eep")
         if spec.plan is not None:
             check_readable_file(spec.plan, "plan file")
-        check_output_dir(
-            self.out, True, inputs=inputs, model=spec.model
-        )  # where it is; whether it may exist: below
+        # where the output goes (whether it may exist already is decided below, under the lock)
+        check_output_dir(self.out, True, inputs=inputs, model=spec.model)
         self._stack.enter_context(output_lock(self.out))
         if resume:
             if not searches:

@@ -106,18 +106,21 @@ def output_lock(out_dir: str | Path) -> Iterator[Path]:
         yield out
     finally:
         del _HELD[key]
-        try:
-            _lock_path(out).unlink()
-        except OSError:
-            pass
-        os.close(fd)
+        if fd is not None:
+            try:
+                _lock_path(out).unlink()
+            except OSError:
+                pass
+            os.close(fd)
         if not out.exists():
             _remove_empty(created)
 
 
-def _acquire(lock: Path, out: Path) -> int:
-    import fcntl
-
+def _acquire(lock: Path, out: Path) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no lock
+        return None
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
