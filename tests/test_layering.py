@@ -10,8 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "src" / "moeprune"
 # bottom to top
 LAYERS = [
-    "errors", "registry", "arch", "plan", "data", "observe", "criteria", "surgery", "fitness", "evolve",
-    "allocate", "merge", "evaluate", "report", "recipe", "pipelines", "testbed", "demo", "api", "cli",
+    "errors", "interrupts", "quiet", "registry", "preflight", "arch", "plan", "data", "observe", "criteria",
+    "surgery", "fitness", "evolve", "allocate", "merge", "evaluate", "report", "recipe", "pipelines", "testbed", "demo", "api", "cli",
 ]  # fmt: skip
 
 

@@ -33,8 +33,14 @@ __all__ = [
 
 def check_model(name_or_path: str | Path, plan: ExpertPlan | None = None) -> None:
     """Fail fast, before loading any weight, when `name_or_path` is not a supported MoE model or
-    `plan` does not fit it (the check runs on a meta-device skeleton of the model)."""
+    `plan` does not fit it (the check runs on a meta-device skeleton of the model); a local folder's
+    weight files must be there and whole."""
+    from .preflight import check_weights, model_source
+
     model = skeleton(name_or_path)
+    folder = model_source(name_or_path)
+    if folder is not None:
+        check_weights(folder)
     if plan is not None:
         validate_plan(model, plan)
 
@@ -143,22 +149,24 @@ def observe_checkpoint(model, out, *, data, criteria=None, overwrite=False, seed
 
     from .criteria import get_criterion
     from .recipe import DataSpec, placement
-    from .surgery.checkpoint import check_output_dir
+    from .surgery.checkpoint import check_output_dir, output_lock
 
-    check_output_dir(out, overwrite)
+    d = DataSpec.build(_data(data))
+    check_output_dir(out, overwrite, inputs=(d.data,), model=model)
     for name in criteria or []:
         get_criterion(name)
-    d = DataSpec.model_validate(_data(data))
-    where = placement(
-        device, "auto", offload_folder=Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}"
-    )
+    offload = Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}"
+    where = placement(device, "auto", offload_folder=offload)
     check_model(model)
-    tokens = load_calibration(
-        d.data, load_tokenizer(model), text_field=d.text_field, seq_len=d.seq_len, num_samples=d.samples,
-        per_domain=d.per_domain, seed=seed if d.seed is None else d.seed,
-    )  # fmt: skip
-    loaded = load(model, **where)
-    return observe(loaded, tokens, criteria=criteria, out_dir=out, overwrite=overwrite, seed=seed, **options)
+    with output_lock(out):
+        tokens = load_calibration(
+            d.data, load_tokenizer(model), text_field=d.text_field, seq_len=d.seq_len, num_samples=d.samples,
+            per_domain=d.per_domain, seed=seed if d.seed is None else d.seed,
+        )  # fmt: skip
+        loaded = load(model, **where)
+        return observe(
+            loaded, tokens, criteria=criteria, out_dir=out, overwrite=overwrite, seed=seed, **options
+        )
 
 
 def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", dtype=None, **options) -> dict:
@@ -183,6 +191,8 @@ def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", d
         dtype or "auto",
         offload_folder=Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}",
     )
+    for name in models:
+        check_model(name)  # every model readable before the first one loads
     return {
         name: evaluate(
             load(name, **where), load_tokenizer(name), suite=suite, lm_eval=list(lm_eval), **options

@@ -5,7 +5,6 @@ Every bad input is a `MoepruneError` (or a usage error): one line on stderr, exi
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -70,7 +69,10 @@ def _execute(recipe, *, overwrite: bool, resume: bool = False) -> None:
     from . import api
     from .report.tables import run_summary
 
-    for shown in run_summary(api.run(recipe, overwrite=overwrite, resume=resume)):
+    # progress bars on a terminal only (in a log or a pipe they are noise)
+    for shown in run_summary(
+        api.run(recipe, overwrite=overwrite, resume=resume, progress=console.is_terminal)
+    ):
         Console().print(shown, highlight=False)
 
 
@@ -84,17 +86,22 @@ def observe(
     out: Annotated[Path, opt("--out", "Directory for the expert statistics.")],
     text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     criteria: Annotated[str, opt("--criteria", "Comma-separated criteria to support ('all' includes mop).")] = "all",
-    dense_tokens: Annotated[int, opt("--dense-tokens", "Tokens on which every expert runs (only for mop).")] = 2048,
-    batch_size: Annotated[int, opt("--batch-size", "Samples per forward pass.")] = 8,
+    dense_tokens: Annotated[int, opt("--dense-tokens", "Tokens on which every expert runs (only for mop).", min=1)] = 2048,
+    batch_size: Annotated[int, opt("--batch-size", "Samples per forward pass.", min=1)] = 8,
     seed: Seed = 0, overwrite: Overwrite = False, device: Device = "cpu",
 ) -> None:  # fmt: skip
     """Run calibration data through MODEL once and save per-expert statistics for `prune --stats`."""
     from . import api
+    from .recipe import DataSpec
 
+    d = DataSpec.build(
+        _data(data, text_field, num_samples, seq_len) | {"seed": seed},
+        names=lambda k: flag(f"calibration.{k}"),
+    )
     names = None if criteria.strip() == "all" else [c.strip() for c in criteria.split(",") if c.strip()]
     stats = api.observe_checkpoint(
-        model, out, data=_data(data, text_field, num_samples, seq_len), criteria=names, overwrite=overwrite,
-        seed=seed, dense_tokens=dense_tokens, batch_size=batch_size, device=device,
+        model, out, data=d.model_dump(), criteria=names, overwrite=overwrite, seed=seed,
+        dense_tokens=dense_tokens, batch_size=batch_size, device=device, progress=console.is_terminal,
     )  # fmt: skip
     supported, n = ", ".join(stats.meta["criteria_supported"]), stats.meta["num_tokens"]
     Console().print(f"observed {n} tokens in {len(stats.layers)} MoE layers -> {out} ({supported})")
@@ -260,37 +267,12 @@ def families() -> None:
     Console().print(families_table())
 
 
-def _one_line(e: Exception) -> str:
-    """What the user reads for a user or usage error (markup in the message is not interpreted)."""
-    from rich.markup import escape
-
-    if isinstance(e, MoepruneError):
-        return f"[bold red]error:[/] {escape(str(e))}"
-    if type(e).__name__ == "NoArgsIsHelpError":  # bare `moeprune`: the help
-        return escape(e.format_message())
-    command = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None else ""
-    return f"[bold red]error:[/] {escape(e.format_message())} (see moeprune{command} --help)"
-
-
 def main() -> None:
-    """Entry point: user and usage errors become one line on stderr and exit code 2."""
-    import click
+    """Entry point: user, usage and I/O errors are one line on stderr and exit 2; Ctrl-C or SIGTERM
+    removes partial output, says so and exits 130/143; a bug keeps its traceback (`quiet.run_command`)."""
+    from .quiet import run_command
 
-    try:
-        from typer._click import exceptions as vendored
-    except ImportError:  # typer releases that use click itself
-        vendored = click.exceptions
-    try:
-        code = app(standalone_mode=False)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt, click.exceptions.Abort):
-        console.print("aborted (Ctrl-C); nothing was written", highlight=False)
-        sys.exit(130)
-    except (MoepruneError, click.exceptions.ClickException, vendored.ClickException) as e:
-        console.print(_one_line(e), highlight=False, soft_wrap=True)
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+    run_command(app, console)
 
 
 if __name__ == "__main__":

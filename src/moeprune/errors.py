@@ -34,3 +34,20 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     if close:
         return f" (did you mean '{close[0]}'?)"
     return f" (choose from: {', '.join(sorted(choices))})"
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (see `moeprune.interrupts`): raised in the main thread so that every
+    ``finally`` runs and no half-written output stays. Not a `KeyboardInterrupt`, which click turns
+    into a silent exit code; `interrupts.raise_on_signals(redeliver=True)` gives library callers back
+    their KeyboardInterrupt or SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class MoepruneWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints one line)."""

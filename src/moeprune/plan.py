@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from .errors import PlanError
 
@@ -142,7 +142,7 @@ def uniform_counts(
 
 class _PlanFile(BaseModel):
     model_config = ConfigDict(extra="ignore")  # a search's plan.json adds counts and fitness
-    removed: dict[int, list[int]]
+    removed: dict[int, list[StrictInt]]  # expert ids: integers, not true/false or "3"
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,10 @@ class ExpertPlan:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
+        except IsADirectoryError:
+            raise PlanError(f"plan file {path} is a directory; give the plan's JSON file") from None
+        except OSError as e:
+            raise PlanError(f"plan file {path} cannot be read ({e.strerror or e})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(
                 f'plan file {path} is not valid JSON ({e}); expected {{"removed": {{"0": [3, 5]}}}}'

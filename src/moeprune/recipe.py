@@ -47,6 +47,15 @@ for _name, _target in {
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @classmethod
+    def build(cls, data: dict[str, Any], where: str = "", names: Callable[[str], str] | None = None):
+        """Validate `data`; any problem is one `MoepruneError` line naming the key (prefixed by `where`,
+        renamed by `names`, e.g. to the CLI flag that set it)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise MoepruneError(one_line(e, where, names)) from None
+
 
 def _registered(kind: str, name: str) -> str:
     """`name` if the `kind` registry holds it; a ValueError with "did you mean" otherwise."""
@@ -112,14 +121,38 @@ class SearchSpec(_Strict):
         return _registered("cache", v)
 
 
+EEP_ELITES = 4  # merge.EEPConfig.elites
+MERGE_ELITES = 2  # merge.merge_search.MergeConfig.elites
+
+
 class EEPSpec(_Strict):
     """EEP: selection search (elites 4), optional merge search (elites 2), fewer active experts."""
 
-    population: int = Field(16, ge=4)
+    population: int = 16  # >= EEP_ELITES
     iterations: int = Field(100, ge=1)
-    merge_population: int = Field(8, ge=3)
+    merge_population: int = 8  # > MERGE_ELITES
     merge_iterations: int = Field(0, ge=0)
     active_experts: int | None = Field(None, ge=1)
+
+    @field_validator("population")
+    @classmethod
+    def _population(cls, v: int) -> int:
+        if v < EEP_ELITES:
+            raise ValueError(
+                f"must be at least {EEP_ELITES} (the selection search keeps its {EEP_ELITES} best "
+                f"selections, the elites), got {v}"
+            )
+        return v
+
+    @field_validator("merge_population")
+    @classmethod
+    def _merge_population(cls, v: int) -> int:
+        if v <= MERGE_ELITES:
+            raise ValueError(
+                f"must be at least {MERGE_ELITES + 1} (the merge search keeps its {MERGE_ELITES} best "
+                f"candidates, the elites, and needs room for new ones), got {v}"
+            )
+        return v
 
 
 class EvaluateSpec(_Strict):
@@ -215,17 +248,6 @@ class Recipe(_Strict):
         if ev is not None and ev.suite is None and not ev.lm_eval and ev.heldout is None:
             raise ValueError("evaluate needs a suite, lm_eval tasks or heldout data")
         return self
-
-    @classmethod
-    def build(
-        cls, data: dict[str, Any], where: str = "", names: Callable[[str], str] | None = None
-    ) -> Recipe:
-        """Validate `data`; any problem is one `MoepruneError` line naming the key (prefixed by `where`,
-        renamed by `names`, e.g. to the CLI flag that set it)."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise MoepruneError(one_line(e, where, names)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

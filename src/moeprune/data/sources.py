@@ -50,6 +50,8 @@ def read_rows(
             raise DataError(f"data path {path} is a directory; give a .jsonl, .json, .parquet or .txt file")
         records = _read_local(path)
         where = str(path)
+    elif not _could_be_hub_dataset(str(source)):
+        raise DataError(f"data {source}: no such file (and not a hub dataset name like 'org/name')")
     else:
         records = _read_hub(str(source), config, split)
         where = f"dataset '{source}' (split {split})"
@@ -57,6 +59,12 @@ def read_rows(
     if not rows:
         raise DataError(f"{where} holds no rows: the calibration set is empty")
     return rows
+
+
+def _could_be_hub_dataset(name: str) -> bool:
+    from ..preflight import is_hub_id
+
+    return is_hub_id(name)
 
 
 def _read_local(path: Path) -> list:

@@ -106,6 +106,13 @@ def lm_eval_tasks(
     quiet = logging.getLogger("lm_eval")  # its per-run notices (e.g. "model kwarg is not a str")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # lm-eval records the git commit of the working directory by running `git describe`, whose
+    # "fatal: not a git repository" lands on our stderr; the commit of the caller's folder means
+    # nothing for a moeprune evaluation
+    import lm_eval.evaluator as evaluator_module
+
+    git_hash = evaluator_module.get_git_commit_hash
+    evaluator_module.get_git_commit_hash = lambda: None
     try:
         lm = HFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model))
@@ -118,7 +125,15 @@ def lm_eval_tasks(
             num_fewshot=num_fewshot,
             log_samples=False,
         )
+    except (ConnectionError, OSError) as e:  # datasets and huggingface_hub raise these offline
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise MoepruneError(
+            f"lm-eval could not fetch the data of {', '.join(tasks)}: {reason}; these tasks need the "
+            "Hugging Face hub (or their datasets in the local cache), or use the offline suite tasks "
+            "(--lm-eval moeprune_mc)"
+        ) from None
     finally:
+        evaluator_module.get_git_commit_hash = git_hash
         quiet.setLevel(level)
     results: dict[str, dict[str, float]] = {}  # {task: {"n": documents, metric: value}}
     for task, metrics in out["results"].items():

@@ -8,15 +8,28 @@ evaluate, apply the choice in place, save, report.
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from ..arch import moe_layers
-from ..errors import MoepruneError
+from ..errors import MoepruneError, MoepruneWarning
 from ..plan import ExpertPlan
+from ..preflight import (
+    check_readable_file,
+    check_weights,
+    folder_fingerprint,
+    max_positions,
+    model_fingerprint,
+    model_source,
+)
 from ..recipe import PIPELINES  # noqa: F401  (re-exported: the registry of pipelines)
 
 STATE_FILE = "search_state.json"  # EvoESAP's checkpoint, kept beside the saved checkpoint
@@ -49,19 +62,35 @@ def work_dir(out: Path) -> Path:
 
 class RunContext:
     """The inputs of one run, checked before any weight loads; the model, expert statistics and the
-    teacher are built once, when a pipeline first asks for them."""
+    teacher are built once, when a pipeline first asks for them. Holds the lock on the output from
+    the first check to `close` (two runs never write one output)."""
 
     def __init__(self, spec, *, overwrite: bool, resume: bool, progress: bool) -> None:
+        self._stack = ExitStack()
+        try:
+            self._check(spec, overwrite=overwrite, resume=resume, progress=progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, spec, *, overwrite: bool, resume: bool, progress: bool) -> None:
         from ..data import load_data
         from ..plan import validate_plan
         from ..recipe import placement
-        from ..surgery.checkpoint import check_output_dir, load_tokenizer, skeleton
+        from ..surgery.checkpoint import check_output_dir, load_tokenizer, output_lock, skeleton
 
         self.spec, self.progress, self.resume = spec, progress, resume
         self.source = spec.model
         self.out = Path(spec.out)
         self.work = work_dir(self.out)
+        self.identity: dict | None = None
+        inputs = (spec.plan, spec.stats) + tuple(d.data for d in _data_specs(spec).values() if d is not None)
         searches = spec.allocation in ("evoesap", "eep")
+        if spec.plan is not None:
+            check_readable_file(spec.plan, "plan file")
+        # where the output goes (whether it may exist already is decided below, under the lock)
+        check_output_dir(self.out, True, inputs=inputs, model=spec.model)
+        self._stack.enter_context(output_lock(self.out))
         if resume:
             if not searches:
                 raise MoepruneError(f"--resume continues a search; allocation '{spec.allocation}' has none")
@@ -78,12 +107,19 @@ class RunContext:
             self.overwrite = overwrite
         self.placement = placement(spec.device, spec.dtype, offload_folder=self.work / "offload")
         self.skeleton = skeleton(self.source)  # unsupported models fail here
+        folder = model_source(self.source)
+        if folder is not None:
+            check_weights(folder)  # missing, truncated or corrupt weight files fail here
+        self.spec, notes = _fit_positions(spec, max_positions(self.skeleton.config))
+        spec = self.spec
         self.num_experts = {layer.index: layer.num_experts for layer in moe_layers(self.skeleton)}
-        self.plan_file = ExpertPlan.from_json(spec.plan) if spec.plan is not None else None
-        if self.plan_file is not None:
+        self.plan_file = None
+        if spec.plan is not None:
+            self.plan_file = ExpertPlan.from_json(check_readable_file(spec.plan, "plan file"))
             validate_plan(self.skeleton, self.plan_file)
         self._stats = self._load_stats(spec.stats) if spec.stats is not None else None
         self._check_eep()
+        self._check_space()
         self.tokenizer = load_tokenizer(self.source)
 
         def tokens(d):
@@ -102,6 +138,12 @@ class RunContext:
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
                 raise MoepruneError(f"suite directory {spec.evaluate.suite} does not exist")
+        if searches:
+            self.identity = self._identity()
+            if resume:
+                self._check_identity()
+        for note in notes:  # once every check passed: a failing run says only what failed
+            warnings.warn(note, MoepruneWarning, stacklevel=4)
 
     def _load_stats(self, path: str):
         from ..criteria import get_criterion
@@ -117,8 +159,27 @@ class RunContext:
         if eep is not None and eep.active_experts is not None:
             from ..merge.active import reduced_active_experts
 
+            top_k = min(layer.top_k for layer in moe_layers(self.skeleton))
+            if eep.active_experts >= top_k:
+                raise MoepruneError(
+                    f"--active-experts {eep.active_experts} must be below the model's top-k of {top_k} "
+                    "(it lowers the experts each token uses)"
+                )
             with reduced_active_experts(self.skeleton, eep.active_experts):  # a bad count fails here
                 pass
+
+    def _check_space(self) -> None:
+        """Refuse early when even the smallest checkpoint this run can write does not fit on the disk
+        (the save checks the exact size again)."""
+        from ..surgery.checkpoint import check_free_space
+
+        dtype = getattr(self.skeleton.config, "dtype", None)
+        itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+        share = self.spec.sparsity or 0.0
+        if self.plan_file is not None:
+            share = self.plan_file.total_removed() / max(1, sum(self.num_experts.values()))
+        total = sum(p.numel() for p in self.skeleton.parameters()) * itemsize
+        check_free_space(self.out, int(total * (1.0 - share)))
 
     @cached_property
     def model(self):
@@ -196,15 +257,155 @@ class RunContext:
 
     def state_path(self, name: str = STATE_FILE) -> Path:
         """A search checkpoint: in the work directory while the run goes on (a finished run's copy in
-        the output directory is where a resume of a finished run starts)."""
+        the output directory is where a resume of a finished run starts), with ``identity.json``
+        beside it: what the saved search is a search of (`--resume` requires the same)."""
         self.work.mkdir(parents=True, exist_ok=True)
         state = self.work / name
         if self.resume and not state.exists() and (self.out / name).exists():
             shutil.copy2(self.out / name, state)
         elif not self.resume and state.exists():
             state.unlink()  # a stale search of an earlier, unfinished run
+        (self.work / IDENTITY_FILE).write_text(self.identity_json())
         return state
+
+    def identity_json(self) -> str:
+        return json.dumps(self.identity, indent=1, sort_keys=True) + "\n"
+
+    def _identity(self) -> dict:
+        """Everything that decides a search's result (see `IDENTITY_NAMES`); a resume must match it."""
+        s, search, eep = self.spec, self.spec.search, self.spec.eep
+        statistics = None
+        if s.stats is not None:
+            statistics = {"stats": folder_fingerprint(s.stats)}
+        elif self.calibration is not None:
+            statistics = {"calibration": self.calibration.fingerprint}
+        out = {
+            "allocation": s.allocation,
+            "model": model_fingerprint(self.source, self.skeleton.config),
+            "dtype": s.dtype,
+            "sparsity": s.sparsity,
+            "criterion": s.criterion,
+            "statistics": statistics,
+            "fitness": search.fitness,
+            "cache": search.cache,
+            "top_k": search.top_k if search.cache == "sparse" else None,
+            "search_data": self._search_fingerprint(),
+            "min_remove": {str(k): v for k, v in sorted((search.min_remove or {}).items())} or None,
+            "max_remove": {str(k): v for k, v in sorted((search.max_remove or {}).items())} or None,
+            "seed": s.seed,
+        }
+        if s.allocation == "eep":
+            e = eep.model_dump() if eep is not None else {}
+            out |= {f"eep.{k}": v for k, v in sorted(e.items())}
+        else:
+            out |= {"population": search.population, "generations": search.generations}
+        return out
+
+    def _search_fingerprint(self) -> str:
+        """The search tokens' fingerprint; for on-policy data, of the prompts and how they are continued."""
+        if self.search_tokens is not None:
+            return self.search_tokens.fingerprint
+        import hashlib
+
+        s = self.spec.search
+        rows = [(r.prompt, r.messages) for r in self.search_prompts]
+        key = json.dumps([rows, s.data.model_dump(), s.gen_tokens, s.sample], sort_keys=True, default=str)
+        return "prompts:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _check_identity(self) -> None:
+        """Refuse `--resume` when the saved search is of another model, data or setting."""
+        where = self.work if any((self.work / n).exists() for n in STATE_FILES) else self.out
+        saved_at = where / IDENTITY_FILE
+        try:
+            saved = json.loads(saved_at.read_text())
+        except (OSError, ValueError):
+            raise MoepruneError(
+                f"--resume: the saved search for {self.out} does not record what it searched "
+                "(made by an older moeprune or damaged); start over with --overwrite"
+            ) from None
+        now = json.loads(self.identity_json())
+        order = {k: i for i, k in enumerate(IDENTITY_NAMES)}
+        for key in sorted(now.keys() | saved.keys(), key=lambda k: (order.get(k, len(order)), k)):
+            if now.get(key) != saved.get(key):
+                name, was, asked = IDENTITY_NAMES.get(key, key), saved.get(key), now.get(key)
+                if key in _FINGERPRINTS:
+                    detail = "it differs from the saved search's"
+                else:
+                    detail = f"the saved search used {_show(was)}, this run asks for {_show(asked)}"
+                raise MoepruneError(
+                    f"--resume: {name} changed ({detail}); resume with the same settings, or start over "
+                    "with --overwrite"
+                )
+
+    def close(self) -> None:
+        """Release the output (lock)."""
+        self._stack.close()
+
+    def abandon(self) -> str:
+        """After a failure or an interrupt: keep a search's checkpoint for `--resume`, remove the rest
+        of the work directory; returns what the user should hear."""
+        if any((self.work / n).exists() for n in STATE_FILES):
+            return f"the search so far is kept in {self.work}: rerun with --resume to continue it"
+        shutil.rmtree(self.work, ignore_errors=True)
+        return "nothing was written"
 
     def clean_up(self) -> None:
         """Remove the work directory once the output holds everything."""
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+IDENTITY_FILE = "identity.json"
+# identity keys -> how the user sets them
+IDENTITY_NAMES = {
+    "allocation": "the allocation", "model": "the model (its config or weight files)", "dtype": "--dtype",
+    "seed": "--seed", "sparsity": "--sparsity", "criterion": "--criterion",
+    "statistics": "the criterion's statistics (--data/--num-samples/--seq-len or --stats)",
+    "fitness": "--fitness", "cache": "--cache", "top_k": "--top-k",
+    "search_data": "the search data (--search-data/--search-samples/--search-seq-len)",
+    "min_remove": "search.min_remove", "max_remove": "search.max_remove",
+    "population": "--population", "generations": "--generations", "eep.population": "--population",
+    "eep.iterations": "--iterations", "eep.merge_population": "--merge-population",
+    "eep.merge_iterations": "--merge-iterations", "eep.active_experts": "--active-experts",
+}  # fmt: skip
+_FINGERPRINTS = ("model", "statistics", "search_data")
+
+
+def _show(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def _data_specs(spec) -> dict:
+    """The run's data sections by the flag that sets their length."""
+    return {
+        "--seq-len": spec.calibration,
+        "--search-seq-len": spec.search.data if spec.search is not None else None,
+        "evaluate.heldout.seq_len": spec.evaluate.heldout if spec.evaluate is not None else None,
+    }
+
+
+def _fit_positions(spec, positions: int | None):
+    """`spec` with every data length cut to the model's positions, and the notes that say so."""
+    notes: list[str] = []
+    if positions is None:
+        return spec, notes
+
+    def fit(d, flag):
+        if d is None or d.seq_len <= positions:
+            return d
+        notes.append(
+            f"{flag} {d.seq_len} is longer than the model's {positions} positions "
+            f"(max_position_embeddings); using {positions}"
+        )
+        return d.model_copy(update={"seq_len": positions})
+
+    data = _data_specs(spec)
+    update = {}
+    if data["--seq-len"] is not None:
+        update["calibration"] = fit(data["--seq-len"], "--seq-len")
+    if spec.search is not None:
+        update["search"] = spec.search.model_copy(update={"data": fit(spec.search.data, "--search-seq-len")})
+    if spec.evaluate is not None and spec.evaluate.heldout is not None:
+        update["evaluate"] = spec.evaluate.model_copy(
+            update={"heldout": fit(spec.evaluate.heldout, "evaluate.heldout.seq_len")}
+        )
+    return spec.model_copy(update=update), notes

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..arch import family_of, moe_layers
+from ..errors import Interrupted, MoepruneError
 from ..fitness import CandidateEvaluator, SearchSet
 from ..merge.active import set_active_experts_
 from ..merge.merging import merge_experts_
@@ -22,7 +23,7 @@ from ..report import evaluation_cells, manifest, markdown_table, model_card
 from ..report.memory import memory_usage
 from ..surgery import mask_experts, remove_experts_, save_pruned
 from ..surgery.checkpoint import is_non_uniform
-from .base import PIPELINES, Choice, RunContext
+from .base import IDENTITY_FILE, PIPELINES, STATE_FILES, Choice, RunContext
 
 
 @dataclass
@@ -139,9 +140,27 @@ def run(
     t0 = time.perf_counter()
     spec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
     ctx = RunContext(spec, overwrite=overwrite, resume=resume, progress=progress)
+    try:
+        result = _carry_out(ctx, t0)
+    except BaseException as e:
+        note = ctx.abandon()
+        if isinstance(e, MoepruneError) and note != "nothing was written":
+            e.args = (f"{e}; {note}",)
+        elif isinstance(e, KeyboardInterrupt | Interrupted):
+            e.moeprune_note = note
+        raise
+    finally:
+        ctx.close()
+    return result
+
+
+def _carry_out(ctx: RunContext, t0: float) -> RunResult:
+    spec = ctx.spec  # as checked (data lengths fitted to the model)
     choice = PIPELINES.get(spec.allocation)(ctx)
     ev = spec.evaluate
     files = dict(choice.files) | {"recipe.yaml": spec.to_yaml()}
+    if any(name in files for name in STATE_FILES) and ctx.identity is not None:
+        files[IDENTITY_FILE] = ctx.identity_json()  # what `--resume` of the finished run must match
     record = choice.record | {"recipe": spec.model_dump(exclude_none=True)}
     rewrite = _streaming(ctx, choice) if ev is None else None
     if rewrite is not None:
