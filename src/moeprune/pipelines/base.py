@@ -101,6 +101,11 @@ class RunContext:
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
                 raise MoepruneError(f"suite directory {spec.evaluate.suite} does not exist")
+        if searches:  # Ray missing or its cluster unreachable: fail before any weight loads
+            from ..execute import check_executor
+
+            s = spec.search
+            check_executor(s.executor, s.ray_address, s.workers)
 
     def _load_stats(self, path: str):
         from ..criteria import get_criterion
@@ -153,6 +158,23 @@ class RunContext:
         s = self.spec.search
         search = SearchSet.from_tokens(self.search_tokens)
         return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k)
+
+    @cached_property
+    def executor(self):
+        """Where the searches score their candidates (`moeprune.execute`), started once per run."""
+        from ..execute import make_executor
+
+        s = self.spec.search
+        return make_executor(
+            s.executor, model=lambda: self.model, teacher=self.teacher, source=self.source,
+            moe_indices=list(self.num_experts), device=self.spec.device, dtype=self.spec.dtype,
+            workers=s.workers, address=s.ray_address,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Release the executor's workers (when a pipeline started them)."""
+        if "executor" in self.__dict__:
+            self.__dict__.pop("executor").close()
 
     def state_path(self, name: str = STATE_FILE) -> Path:
         """A search checkpoint: in the work directory while the run goes on (a finished run's copy in

@@ -137,7 +137,10 @@ def run(
     t0 = time.perf_counter()
     spec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
     ctx = RunContext(spec, overwrite=overwrite, resume=resume, progress=progress)
-    choice = PIPELINES.get(spec.allocation)(ctx)
+    try:
+        choice = PIPELINES.get(spec.allocation)(ctx)
+    finally:
+        ctx.close()
     ev = spec.evaluate
     files = dict(choice.files) | {"recipe.yaml": spec.to_yaml()}
     record = choice.record | {"recipe": spec.model_dump(exclude_none=True)}
