@@ -30,13 +30,16 @@ __all__ = [
 ]
 
 
-def check_executor(kind: str, address: str | None = None, workers: int | None = None) -> None:
-    """Fail now, with one line, when the executor cannot run: Ray missing or its cluster unreachable
-    (connects this process to Ray, starting a local cluster without an address)."""
+def check_executor(
+    kind: str, address: str | None = None, workers: int | None = None, device: str = "cpu"
+) -> None:
+    """Fail now, with one line, when the executor cannot run: Ray missing, its cluster unreachable or
+    too small for `workers` (connects this process to Ray, starting a local cluster without an address)."""
     if kind == "ray":
-        from .ray_executor import connect
+        from .ray_executor import connect, worker_count
 
         connect(address, workers or 1)
+        worker_count(workers, device)
 
 
 def make_executor(

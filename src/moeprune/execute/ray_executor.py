@@ -27,7 +27,7 @@ from ..fitness import FitnessResult, TeacherRun
 from .base import Executor, Scorer, ScoreSpec, merge_stats
 from .schedule import AffinityScheduler, prefix_keys
 
-__all__ = ["RayExecutor", "connect"]
+__all__ = ["RayExecutor", "connect", "portable", "worker_count"]
 
 CONNECT_TIMEOUT_S = 5.0
 INSTALL = "pip install 'moeprune[ray]'"
@@ -76,6 +76,22 @@ def connect(address: str | None = None, cpus: int = 1) -> bool:
     return False
 
 
+def worker_count(workers: int | None, device: str = "cpu", threads: int = 1) -> int:
+    """How many workers the connected cluster runs: `workers`, or one per GPU on a CUDA run (else one
+    per `threads` CPUs); one-line error when the cluster has too few."""
+    import ray
+
+    gpu = torch.device(device).type == "cuda"
+    unit, per = ("GPU", 1) if gpu else ("CPU", threads)
+    have = int(ray.cluster_resources().get(unit, 0))
+    n = workers if workers is not None else have // per
+    if n < 1 or n * per > have:
+        raise MoepruneError(
+            f"workers: {n} Ray workers need {max(n, 1) * per} {unit}s, the Ray cluster has {have}"
+        )
+    return n
+
+
 def _tensors_to(value, device: torch.device):
     """`value` with every tensor (in dataclasses, lists, tuples, dicts) moved to `device`."""
     if isinstance(value, torch.Tensor):
@@ -100,15 +116,18 @@ class ScoringWorker:
     """A Ray actor (`ray.remote` applied by `RayExecutor`): one model copy, one `Scorer`."""
 
     def __init__(
-        self, source: str, device: str, dtype: str, teacher: TeacherRun, replay: bool, threads: int
+        self, source: str, device: str, dtype: str, teacher: list, replay: bool, threads: int
     ) -> None:
+        import ray
+
         from ..fitness import LayerReplay
         from ..recipe import placement
         from ..surgery import load
 
         torch.set_num_threads(threads)
         model = load(source, **placement(device, dtype))
-        run = _tensors_to(teacher, next(model.parameters()).device)
+        # [ObjectRef]: fetched here, at every (re)start, from the object store (the driver holds it)
+        run = _tensors_to(ray.get(teacher[0]), next(model.parameters()).device)
         if replay:
             run = dataclasses.replace(run, replay=LayerReplay(model))
         self.scorer = Scorer(model, run)
@@ -155,16 +174,11 @@ class RayExecutor(Executor):
         self.actors: list = []
         gpu = torch.device(device).type == "cuda"
         self._started = connect(address, (workers or 1) * threads)
-        total = ray.cluster_resources()
-        unit, per = ("GPU", 1) if gpu else ("CPU", threads)
-        have = int(total.get(unit, 0))
-        self.workers = workers if workers is not None else have // per
-        if self.workers < 1 or self.workers * per > have:
+        try:
+            self.workers = worker_count(workers, device, threads)
+        except MoepruneError:
             self.close()
-            raise MoepruneError(
-                f"workers: {self.workers} Ray workers need {max(self.workers, 1) * per} {unit}s, the cluster "
-                f"has {have}"
-            )
+            raise
         self.moe_indices = list(moe_indices)
         self.queue = queue
         self.max_restarts = max_restarts
@@ -180,7 +194,7 @@ class RayExecutor(Executor):
         where = "cuda" if gpu else device  # an actor sees only its own GPU
         replay = teacher.replay is not None
         self.actors = [
-            actor.remote(str(source), where, dtype, self._teacher, replay, threads)
+            actor.remote(str(source), where, dtype, [self._teacher], replay, threads)
             for _ in range(self.workers)
         ]
         try:

@@ -105,7 +105,7 @@ class RunContext:
             from ..execute import check_executor
 
             s = spec.search
-            check_executor(s.executor, s.ray_address, s.workers)
+            check_executor(s.executor, s.ray_address, s.workers, spec.device)
 
     def _load_stats(self, path: str):
         from ..criteria import get_criterion
