@@ -113,35 +113,47 @@ def portable(teacher: TeacherRun) -> TeacherRun:
 
 
 class ScoringWorker:
-    """A Ray actor (`ray.remote` applied by `RayExecutor`): one model copy, one `Scorer`."""
+    """A Ray actor (`ray.remote` applied by `RayExecutor`): one model copy, one `Scorer`.
 
-    def __init__(
-        self, source: str, device: str, dtype: str, teacher: list, replay: bool, threads: int
-    ) -> None:
-        import ray
+    The teacher run comes with every task as ``[ObjectRef]`` (only the reference travels) and is
+    fetched from the object store once per process: a restarted actor gets it with the task Ray
+    retries on it, and the constructor holds no object-store argument that a restart would need."""
 
-        from ..fitness import LayerReplay
+    def __init__(self, source: str, device: str, dtype: str, threads: int) -> None:
         from ..recipe import placement
         from ..surgery import load
 
         torch.set_num_threads(threads)
-        model = load(source, **placement(device, dtype))
-        # [ObjectRef]: fetched here, at every (re)start, from the object store (the driver holds it)
-        run = _tensors_to(ray.get(teacher[0]), next(model.parameters()).device)
-        if replay:
-            run = dataclasses.replace(run, replay=LayerReplay(model))
-        self.scorer = Scorer(model, run)
+        self.model = load(source, **placement(device, dtype))
+        self.scorer: Scorer | None = None
 
-    def ready(self) -> int:
+    def _attach(self, teacher: list, replay: bool) -> Scorer:
+        if self.scorer is None:
+            import ray
+
+            from ..fitness import LayerReplay
+
+            run = _tensors_to(ray.get(teacher[0]), next(self.model.parameters()).device)
+            if replay:
+                run = dataclasses.replace(run, replay=LayerReplay(self.model))
+            self.scorer = Scorer(self.model, run)
+        return self.scorer
+
+    def ready(self, teacher: list, replay: bool) -> int:
+        self._attach(teacher, replay)
         return os.getpid()
 
-    def score(self, spec: ScoreSpec, candidates: list) -> tuple[list[FitnessResult], float, int]:
-        t0 = time.perf_counter()
-        results = self.scorer.score(spec, candidates)
-        return results, time.perf_counter() - t0, os.getpid()
+    def score(
+        self, spec: ScoreSpec, candidates: list, teacher: list, replay: bool
+    ) -> tuple[list[FitnessResult], float, tuple[float, float], int]:
+        """(results, wall seconds, CPU seconds of (this thread, this process), pid)."""
+        t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+        results = self._attach(teacher, replay).score(spec, candidates)
+        cpu = (time.thread_time() - c0, time.process_time() - p0)
+        return results, time.perf_counter() - t0, cpu, os.getpid()
 
-    def stats(self, spec: ScoreSpec):
-        return self.scorer.stats(spec)
+    def stats(self, spec: ScoreSpec, teacher: list, replay: bool):
+        return self._attach(teacher, replay).stats(spec)
 
 
 class RayExecutor(Executor):
@@ -151,7 +163,13 @@ class RayExecutor(Executor):
     a CUDA run gives every actor one GPU, of its own). `teacher`: the driver's teacher run, put in
     the object store once. `moe_indices`: the MoE decoder layers (prefix keys for the scheduler).
     `workers` None: one per GPU of the cluster on a CUDA run, else one per `threads` CPUs.
-    `queue`: candidates sent ahead to each worker (hides the round trip to the driver)."""
+    `queue`: candidates sent ahead to each worker (hides the round trip to the driver).
+
+    `timing` adds up, over `score` calls: candidates, tasks, restarts; the driver's wall seconds in
+    `score`, the seconds actors spent scoring (the CPU seconds of the scoring thread and of the whole
+    actor process meanwhile), the tail seconds (a worker idle at a generation's
+    end because nothing was left for it). workers x wall - scoring - tail is the scheduling and
+    transfer overhead."""
 
     kind = "ray"
 
@@ -183,7 +201,17 @@ class RayExecutor(Executor):
         self.queue = queue
         self.max_restarts = max_restarts
         self.scheduler = AffinityScheduler(self.workers)
-        self.timing = {"candidates": 0, "tasks": 0, "wall_seconds": 0.0, "worker_seconds": 0.0, "restarts": 0}
+        self.timing = dict.fromkeys(("candidates", "tasks", "restarts"), 0)
+        self.timing |= dict.fromkeys(
+            (
+                "wall_seconds",
+                "worker_seconds",
+                "worker_cpu_seconds",
+                "worker_process_cpu_seconds",
+                "tail_seconds",
+            ),
+            0.0,
+        )
         self._teacher = ray.put(portable(teacher))
         actor = ray.remote(ScoringWorker).options(
             num_cpus=threads,
@@ -192,13 +220,10 @@ class RayExecutor(Executor):
             max_task_retries=max_restarts,
         )
         where = "cuda" if gpu else device  # an actor sees only its own GPU
-        replay = teacher.replay is not None
-        self.actors = [
-            actor.remote(str(source), where, dtype, [self._teacher], replay, threads)
-            for _ in range(self.workers)
-        ]
+        self._run = ([self._teacher], teacher.replay is not None)  # what every task carries
+        self.actors = [actor.remote(str(source), where, dtype, threads) for _ in range(self.workers)]
         try:
-            self.pids: list[int] = ray.get([a.ready.remote() for a in self.actors])
+            self.pids: list[int] = ray.get([a.ready.remote(*self._run) for a in self.actors])
         except Exception as e:
             self.close()
             raise MoepruneError(f"a Ray worker could not start: {_cause(e)}") from None
@@ -211,9 +236,12 @@ class RayExecutor(Executor):
         pending = list(range(len(candidates)))
         inflight: dict = {}  # ObjectRef -> (worker, candidate indices)
         load = [0] * self.workers
+        last = [t0] * self.workers  # when each worker's last result arrived
         while pending or inflight:
             for w in range(self.workers):
-                while load[w] < self.queue and pending:
+                # one candidate each; a second one queued only while more are left than workers (so
+                # that a generation's last candidates go to whichever worker is free first)
+                while pending and (load[w] == 0 or (load[w] < self.queue and len(pending) > self.workers)):
                     take = self.scheduler.take(w, pending, keys, spec.candidate_batch)
                     pending = [i for i in pending if i not in take]
                     inflight[self._submit(w, spec, [candidates[i] for i in take])] = (w, take)
@@ -223,7 +251,7 @@ class RayExecutor(Executor):
                 w, take = inflight.pop(ref)
                 load[w] -= 1
                 try:
-                    scored, seconds, pid = ray.get(ref)
+                    scored, seconds, cpu, pid = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     cause = _cause(e)
                     raise (cause if isinstance(cause, MoepruneError) else e) from None
@@ -237,17 +265,21 @@ class RayExecutor(Executor):
                     self.scheduler.forget(w)
                 for i, r in zip(take, scored, strict=True):
                     results[i] = r
+                last[w] = time.perf_counter()
                 self.timing["tasks"] += 1
                 self.timing["worker_seconds"] += seconds
+                self.timing["worker_cpu_seconds"] += cpu[0]
+                self.timing["worker_process_cpu_seconds"] += cpu[1]
         self.timing["candidates"] += len(candidates)
         self.timing["wall_seconds"] += time.perf_counter() - t0
+        self.timing["tail_seconds"] += sum(max(last) - t for t in last)  # nothing left for a worker
         return results  # type: ignore[return-value]
 
     def _submit(self, worker: int, spec: ScoreSpec, candidates: list):
-        return self.actors[worker].score.remote(spec, candidates)
+        return self.actors[worker].score.remote(spec, candidates, *self._run)
 
     def reuse(self, spec: ScoreSpec) -> dict:
-        return merge_stats(self._ray.get([a.stats.remote(spec) for a in self.actors]))
+        return merge_stats(self._ray.get([a.stats.remote(spec, *self._run) for a in self.actors]))
 
     def describe(self) -> dict:
         t = self.timing
