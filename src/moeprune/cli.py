@@ -45,6 +45,9 @@ TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (spar
 Device = Annotated[str, opt("--device", "cpu, cuda, cuda:1, mps, or auto[:0=70GiB,cpu=200GiB] (accelerate device map + disk offload).")]
 Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")]
 Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")]
+Executor = Annotated[str, opt("--executor", "Where candidates are scored: local (this process) or ray.")]
+RayAddress = Annotated[str | None, opt("--ray-address", "Ray cluster HOST:PORT (default: start a local one).")]
+Workers = Annotated[int | None, opt("--workers", "Ray workers (default: one per GPU, else per CPU).")]
 # fmt: on
 
 SPECIAL_FLAGS = {"calibration.samples": "--num-samples", "search.data.samples": "--search-samples",
@@ -132,11 +135,7 @@ def prune(
         raise MoepruneError(
             "--criterion needs calibration data (--data FILE_OR_HUB_ID) or statistics (--stats DIR)"
         )
-    fields = (
-        {"plan": str(plan)}
-        if plan is not None
-        else {"criterion": criterion, "sparsity": sparsity, "stats": stats}
-    )
+    fields = {"plan": str(plan)} if plan is not None else {"criterion": criterion, "sparsity": sparsity, "stats": stats}  # fmt: skip
     _execute(_build(
         "plan" if plan is not None else "uniform", model, out, seed=seed, device=device, mode=mode,
         max_shard_size=max_shard_size,
@@ -154,7 +153,7 @@ def search(
     seed: Seed = 0, resume: Resume = False, overwrite: Overwrite = False, cache: Cache = "hidden",
     top_k: TopK = 64, text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256, device: Device = "cpu",
-    candidate_batch: Stack = 1,
+    candidate_batch: Stack = 1, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:  # fmt: skip
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     _execute(_build(
@@ -162,7 +161,7 @@ def search(
         data=_data(data, text_field, num_samples, seq_len), stats=stats,
         search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
         population=population, generations=generations, seed=seed, cache=cache, top_k=top_k, device=device,
-        candidate_batch=candidate_batch,
+        candidate_batch=candidate_batch, executor=executor, ray_address=ray_address, workers=workers,
     ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 
@@ -180,7 +179,7 @@ def eep_prune(
     seed: Seed = 0, overwrite: Overwrite = False, text_field: TextField = "text", num_samples: Samples = 128,
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
     cache: Cache = "hidden", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
-    resume: Resume = False,
+    resume: Resume = False, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""
     _execute(_build(
@@ -189,7 +188,7 @@ def eep_prune(
         search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
         population=population, iterations=iterations, merge_iterations=merge_iterations,
         merge_population=merge_population, active_experts=active, seed=seed, cache=cache, top_k=top_k,
-        device=device, candidate_batch=candidate_batch,
+        device=device, candidate_batch=candidate_batch, executor=executor, ray_address=ray_address, workers=workers,
     ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 

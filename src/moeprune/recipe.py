@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import MoepruneError, did_you_mean
 from .registry import Registry
@@ -109,6 +117,9 @@ class SearchSpec(_Strict):
     sample: bool = False  # on-policy: sample (seeded) instead of greedy
     min_remove: dict[int, int] | None = None  # per decoder layer index
     max_remove: dict[int, int] | None = None
+    executor: Literal["local", "ray"] = "local"  # where candidates are scored (`moeprune.execute`)
+    ray_address: str | None = None  # HOST:PORT of a Ray cluster (default: start a local one)
+    workers: int | None = Field(None, ge=1)  # Ray actors (default: one per GPU, or per CPU)
 
     @field_validator("fitness")
     @classmethod
@@ -119,6 +130,13 @@ class SearchSpec(_Strict):
     @classmethod
     def _cache(cls, v: str) -> str:
         return _registered("cache", v)
+
+    @field_validator("ray_address", "workers")
+    @classmethod
+    def _ray_only(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("executor") != "ray":
+            raise ValueError("is a setting of the ray executor (executor: ray)")
+        return v
 
 
 EEP_ELITES = 4  # merge.EEPConfig.elites

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,21 +153,22 @@ class MergeProblem:
 def search_merges(
     anchors: Mapping[int, tuple[int, ...]],
     num_experts: Mapping[int, int],
-    score: Callable[[MergePlan], float],
+    score_many: Callable[[list[MergePlan]], Sequence[float]],
     cfg: MergeConfig = MergeConfig(),
     *,
     state_path: str | Path | None = None,
     resume: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> MergeResult:
-    """Maximise ``score(plan)`` over merging matrices with the given anchors (module docstring).
-    Candidates are scored one at a time (each changes the weights of every layer).
+    """Maximise the score of merge plans with the given anchors (module docstring). `score_many`
+    scores an iteration's new plans in one call (in population order; e.g. on several workers);
+    ``evolve.score_each`` turns a one-plan score function into one.
     `state_path`/`resume`/`progress`: see `evolve.evolve`."""
     t0 = time.perf_counter()
     problem = MergeProblem({i: tuple(a) for i, a in anchors.items()}, dict(num_experts), cfg)
     result = evolve(
         problem,
-        lambda candidates: [float(score(problem.to_plan(ms))) for ms in candidates],
+        lambda candidates: [float(v) for v in score_many([problem.to_plan(ms) for ms in candidates])],
         cfg.evolution(),
         state_path=state_path,
         resume=resume,

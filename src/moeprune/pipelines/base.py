@@ -138,7 +138,11 @@ class RunContext:
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
                 raise MoepruneError(f"suite directory {spec.evaluate.suite} does not exist")
-        if searches:
+        if searches:  # Ray missing or its cluster unreachable: fail before any weight loads
+            from ..execute import check_executor
+
+            s = spec.search
+            check_executor(s.executor, s.ray_address, s.workers, spec.device)
             self.identity = self._identity()
             if resume:
                 self._check_identity()
@@ -255,6 +259,18 @@ class RunContext:
         torch.save(vars(data), cached)
         return data
 
+    @cached_property
+    def executor(self):
+        """Where the searches score their candidates (`moeprune.execute`), started once per run."""
+        from ..execute import make_executor
+
+        s = self.spec.search
+        return make_executor(
+            s.executor, model=lambda: self.model, teacher=self.teacher, source=self.source,
+            moe_indices=list(self.num_experts), device=self.spec.device, dtype=self.spec.dtype,
+            workers=s.workers, address=s.ray_address,
+        )  # fmt: skip
+
     def state_path(self, name: str = STATE_FILE) -> Path:
         """A search checkpoint: in the work directory while the run goes on (a finished run's copy in
         the output directory is where a resume of a finished run starts), with ``identity.json``
@@ -338,8 +354,12 @@ class RunContext:
                 )
 
     def close(self) -> None:
-        """Release the output (lock)."""
-        self._stack.close()
+        """Release the executor's workers (when a pipeline started them) and the output (lock)."""
+        try:
+            if "executor" in self.__dict__:
+                self.__dict__.pop("executor").close()
+        finally:
+            self._stack.close()
 
     def abandon(self) -> str:
         """After a failure or an interrupt: keep a search's checkpoint for `--resume`, remove the rest

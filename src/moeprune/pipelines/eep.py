@@ -14,10 +14,10 @@ from ..arch import moe_layers
 from ..criteria import choose_removed
 from ..errors import MoepruneError
 from ..evolve import progress_bar
-from ..fitness import CandidateEvaluator, TeacherRun
+from ..execute import Executor, LocalExecutor, ScoreSpec
+from ..fitness import TeacherRun
 from ..merge import EEPConfig, MergeConfig, layer_choices, search_merges, search_selections
 from ..merge.active import reduced_active_experts
-from ..merge.merging import expert_plan, merged_weights
 from ..plan import ExpertPlan, uniform_counts, validate_plan
 from .base import STATE_FILES, Choice, RunContext
 
@@ -39,13 +39,15 @@ def select_experts(
     state_path=None,
     resume: bool = False,
     checkpoint_every: int = 5,
+    executor: Executor | None = None,
 ):
     """EEP's prune phase: which experts each MoE layer keeps, scored by `fitness` against `teacher` by
     exact masking. How many each layer loses is given: a uniform `sparsity`, or `removed_per_layer`.
     `seeds` join the random initial population; with `active_experts` = k' the candidates route every
     token to k' experts (the teacher keeps the model's own top-k). With `state_path` the search is
-    checkpointed every `checkpoint_every` iterations; `resume` continues it. Returns
-    `merge.EEPResult`; the model is left unchanged."""
+    checkpointed every `checkpoint_every` iterations; `resume` continues it. `executor` scores the
+    candidates (`moeprune.execute`; default: in this process). Returns `merge.EEPResult`; the model is
+    left unchanged."""
     if (sparsity is None) == (removed_per_layer is None):
         raise MoepruneError("give exactly one of sparsity or removed_per_layer")
     layers = moe_layers(model)
@@ -56,13 +58,13 @@ def select_experts(
     cfg = EEPConfig(
         population=population, iterations=iterations, seed=seed, checkpoint_every=checkpoint_every
     )
-    evaluator = CandidateEvaluator(model, teacher, fitness=fitness, candidate_batch=candidate_batch)
-    with (
-        reduced_active_experts(model, active_experts),
-        progress_bar("EEP prune", iterations, progress) as bar,
-    ):
+    with reduced_active_experts(model, active_experts):  # a bad count fails here, before any candidate
+        pass
+    executor = executor if executor is not None else LocalExecutor(model, teacher)
+    spec = ScoreSpec(fitness=fitness, candidate_batch=candidate_batch, active_experts=active_experts)
+    with progress_bar("EEP prune", iterations, progress) as bar:
         return search_selections(
-            choices, lambda plans: [r.score for r in evaluator.evaluate_many(plans)], cfg, seeds=seeds,
+            choices, lambda plans: [r.score for r in executor.score(spec, plans)], cfg, seeds=seeds,
             state_path=state_path, resume=resume, progress=bar,
         )  # fmt: skip
 
@@ -81,6 +83,7 @@ def merge_into_anchors(
     state_path=None,
     resume: bool = False,
     checkpoint_every: int = 5,
+    executor: Executor | None = None,
 ):
     """EEP's merge phase: with `anchors` (the experts each layer keeps) fixed, search the merging
     matrices that fold every expert of a layer into its anchors, scored with the merged weights in
@@ -92,20 +95,16 @@ def merge_into_anchors(
     cfg = MergeConfig(
         population=population, iterations=iterations, seed=seed, checkpoint_every=checkpoint_every
     )
+    with reduced_active_experts(model, active_experts):  # a bad count fails here, before any candidate
+        pass
+    executor = executor if executor is not None else LocalExecutor(model, teacher)
     # every candidate changes the weights of every layer: no prefix to reuse
-    evaluator = CandidateEvaluator(model, teacher, fitness=fitness, reuse=False)
-
-    def score(plan) -> float:
-        with merged_weights(model, plan):
-            return evaluator.evaluate(expert_plan(model, plan)).score
-
-    with (
-        reduced_active_experts(model, active_experts),
-        progress_bar("EEP merge", iterations, progress) as bar,
-    ):
+    spec = ScoreSpec(fitness=fitness, reuse=False, active_experts=active_experts, merged=True)
+    with progress_bar("EEP merge", iterations, progress) as bar:
         return search_merges(
-            {i: tuple(v) for i, v in kept.items()}, num_experts, score, cfg, state_path=state_path, resume=resume,
-            progress=bar,
+            {i: tuple(v) for i, v in kept.items()}, num_experts,
+            lambda plans: [r.score for r in executor.score(spec, plans)], cfg, state_path=state_path,
+            resume=resume, progress=bar,
         )  # fmt: skip
 
 
@@ -119,7 +118,12 @@ def eep(ctx: RunContext) -> Choice:
         uniform = choose_removed(stats, s.criterion, uniform_counts(stats, s.sparsity), s.seed)
         seeds = (uniform,)
     states = [ctx.state_path(name) for name in STATE_FILES[1:]]
-    common = dict(resume=ctx.resume, checkpoint_every=search.checkpoint_every, progress=ctx.progress)
+    common = dict(
+        resume=ctx.resume,
+        checkpoint_every=search.checkpoint_every,
+        progress=ctx.progress,
+        executor=ctx.executor,
+    )
     result = select_experts(
         ctx.model, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, population=e.population,
         iterations=e.iterations, seed=s.seed, seeds=seeds, active_experts=e.active_experts,

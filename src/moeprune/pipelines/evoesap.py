@@ -18,7 +18,8 @@ from ..allocate.space import Counts, RemovalOrder
 from ..arch import moe_layers
 from ..criteria import removal_order
 from ..evolve import EvolutionResult, progress_bar
-from ..fitness import CandidateEvaluator, TeacherRun
+from ..execute import Executor, LocalExecutor, ScoreSpec
+from ..fitness import TeacherRun
 from ..plan import ExpertPlan
 from ..report import allocation_png, history_png
 from .base import STATE_FILE, Choice, RunContext
@@ -42,6 +43,7 @@ class SearchOutcome:
     reuse: dict
     teacher: dict
     seconds: float
+    executor: dict | None = None
 
     def plan_json(self) -> dict:
         layers = self.space.layers
@@ -61,6 +63,7 @@ class SearchOutcome:
             "total_seconds": round(self.seconds, 3),
             "reuse": self.reuse,
             "teacher": self.teacher,
+            "executor": self.executor,
         }
 
     def kept(self, counts: Counts) -> dict[int, int]:
@@ -86,29 +89,32 @@ def search_allocation(
     max_remove: dict[int, int] | None = None,
     candidate_batch: int = 1,
     cache_bytes: int = 512 * 2**20,
+    executor: Executor | None = None,
 ) -> SearchOutcome:
     """Search the per-layer removal counts of `model` (unpruned, left unchanged) with the within-layer
-    `order` fixed (``criteria.removal_order``), scored by `fitness` against `teacher`."""
+    `order` fixed (``criteria.removal_order``), scored by `fitness` against `teacher`, by `executor`
+    (`moeprune.execute`; default: in this process)."""
     t0 = time.perf_counter()
     space = AllocationSpace.from_layers(
         moe_layers(model), sparsity=sparsity, min_remove=min_remove, max_remove=max_remove
     )
     uniform = uniform_allocation(space)
     plan_from_counts(space, order, uniform)  # a bad order fails before any candidate runs
-    evaluator = CandidateEvaluator(
-        model, teacher, fitness=fitness, cache_bytes=cache_bytes, candidate_batch=candidate_batch
-    )
+    executor = executor if executor is not None else LocalExecutor(model, teacher)
+    spec = ScoreSpec(fitness=fitness, candidate_batch=candidate_batch, cache_bytes=cache_bytes)
     details: dict[Counts, object] = {}
 
     def score_many(many: list[Counts]) -> list[float]:
-        results = evaluator.evaluate_many([plan_from_counts(space, order, c) for c in many])
+        results = executor.score(spec, [plan_from_counts(space, order, c) for c in many])
         details.update(zip(many, results, strict=True))
         return [r.score for r in results]
 
     with progress_bar("EvoESAP", config.generations, enabled=progress) as bar:
         result = search_counts(space, score_many, config, state_path=state_path, resume=resume, progress=bar)
-    best_r = details.get(result.best) or evaluator.evaluate(plan_from_counts(space, order, result.best))
-    uni_r = details.get(uniform) or evaluator.evaluate(plan_from_counts(space, order, uniform))
+    best_r = (
+        details.get(result.best) or executor.score(spec, [plan_from_counts(space, order, result.best)])[0]
+    )
+    uni_r = details.get(uniform) or executor.score(spec, [plan_from_counts(space, order, uniform)])[0]
     return SearchOutcome(
         space=space,
         best=result.best,
@@ -118,7 +124,7 @@ def search_allocation(
         best_fitness=_fitness_dict(best_r),
         uniform_fitness=_fitness_dict(uni_r),
         result=result,
-        reuse=evaluator.stats.as_dict() | {"hidden_cache_entries": len(evaluator.hidden)},
+        reuse=executor.reuse(spec),
         teacher={
             "kind": teacher.kind,
             "top_k": teacher.top_k,
@@ -127,6 +133,7 @@ def search_allocation(
             "scored_tokens": teacher.search.num_scored(),
         },
         seconds=time.perf_counter() - t0,
+        executor=executor.describe(),
     )
 
 
@@ -142,7 +149,7 @@ def evoesap(ctx: RunContext) -> Choice:
     outcome = search_allocation(
         ctx.model, order, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, config=config,
         state_path=state, resume=ctx.resume, progress=ctx.progress, min_remove=search.min_remove,
-        max_remove=search.max_remove, candidate_batch=search.candidate_batch,
+        max_remove=search.max_remove, candidate_batch=search.candidate_batch, executor=ctx.executor,
     )  # fmt: skip
     files: dict[str, str | bytes] = {
         PLAN_FILE: json.dumps(outcome.plan_json(), indent=1) + "\n",

@@ -1,0 +1,118 @@
+"""What every executor shares: how a candidate is scored (`ScoreSpec`, `Scorer`) and the `Executor`
+interface the searches call; `LocalExecutor` scores in this process, on the run's model.
+
+A search sends candidates and a `ScoreSpec` ("how to score them"), never a closure over the
+driver's model: the same `Scorer` code runs in this process (local) or inside every Ray actor on
+the actor's own copy of the model, so a candidate's score does not depend on where it ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from ..fitness import CandidateEvaluator, FitnessResult, ReuseStats, TeacherRun
+
+__all__ = ["Executor", "LocalExecutor", "ScoreSpec", "Scorer", "merge_stats"]
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How a search's candidates are scored; one `CandidateEvaluator` (and prefix cache) per spec.
+
+    Candidates are `ExpertPlan`s (scored by masking), or with ``merged`` merge plans
+    (``{layer: merge.merging.LayerMerge}``: the merged weights are written into the anchors, the
+    others masked)."""
+
+    fitness: str = "esap"
+    candidate_batch: int = 1  # candidates stacked into one forward (`CandidateEvaluator.evaluate_many`)
+    cache_bytes: int = 512 * 2**20  # the hidden-state prefix cache of each evaluator
+    reuse: bool = True  # restart from cached hidden states (off for merges: every layer changes)
+    active_experts: int | None = None  # route every token to this many experts while scoring
+    merged: bool = False
+
+
+class Scorer:
+    """Scores candidates on one model copy against one teacher run (in this process or in an actor)."""
+
+    def __init__(self, model, teacher: TeacherRun) -> None:
+        self.model, self.teacher = model, teacher
+        self.evaluators: dict[ScoreSpec, CandidateEvaluator] = {}
+
+    def evaluator(self, spec: ScoreSpec) -> CandidateEvaluator:
+        if spec not in self.evaluators:
+            self.evaluators[spec] = CandidateEvaluator(
+                self.model, self.teacher, fitness=spec.fitness, reuse=spec.reuse,
+                cache_bytes=spec.cache_bytes, candidate_batch=spec.candidate_batch,
+            )  # fmt: skip
+        return self.evaluators[spec]
+
+    def score(self, spec: ScoreSpec, candidates: Sequence) -> list[FitnessResult]:
+        from ..merge.active import reduced_active_experts
+        from ..merge.merging import expert_plan, merged_weights
+
+        evaluator = self.evaluator(spec)
+        with reduced_active_experts(self.model, spec.active_experts):
+            if not spec.merged:
+                return evaluator.evaluate_many(list(candidates))
+            results = []
+            for plan in candidates:
+                with merged_weights(self.model, plan):
+                    results.append(evaluator.evaluate(expert_plan(self.model, plan)))
+            return results
+
+    def stats(self, spec: ScoreSpec) -> tuple[ReuseStats, int]:
+        """The spec's evaluator's reuse statistics and hidden-cache entries."""
+        ev = self.evaluators.get(spec)
+        return (ev.stats, len(ev.hidden)) if ev is not None else (ReuseStats(), 0)
+
+
+def merge_stats(parts: Sequence[tuple[ReuseStats, int]]) -> dict:
+    """Reuse statistics of several evaluators (workers) as one `ReuseStats.as_dict()` + cache entries."""
+    total = ReuseStats()
+    for stats, _ in parts:
+        for f in fields(ReuseStats):
+            setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
+    return total.as_dict() | {"hidden_cache_entries": sum(n for _, n in parts)}
+
+
+class Executor:
+    """Scores a search's candidates: `score(spec, candidates)` -> one `FitnessResult` each, in order."""
+
+    kind = "executor"
+    workers = 1
+
+    def score(self, spec: ScoreSpec, candidates: Sequence) -> list[FitnessResult]:
+        raise NotImplementedError
+
+    def reuse(self, spec: ScoreSpec) -> dict:
+        """Hidden-state reuse of the spec's evaluators (summed over workers)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What ran the candidates, for the run files."""
+        return {"kind": self.kind, "workers": self.workers}
+
+    def close(self) -> None:
+        """Release the workers (idempotent)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Every candidate in this process, one after another, on the run's model (the default)."""
+
+    kind = "local"
+
+    def __init__(self, model, teacher: TeacherRun) -> None:
+        self.scorer = Scorer(model, teacher)
+
+    def score(self, spec: ScoreSpec, candidates: Sequence) -> list[FitnessResult]:
+        return self.scorer.score(spec, candidates)
+
+    def reuse(self, spec: ScoreSpec) -> dict:
+        return merge_stats([self.scorer.stats(spec)])
