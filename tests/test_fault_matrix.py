@@ -493,7 +493,7 @@ RESUME_CHANGES = [
     ("sparsity", ("--sparsity", "0.25"), "--sparsity changed"),
     ("seed", ("--seed", "1"), "--seed changed"),
     ("population", ("--population", "6"), "--population changed"),
-    ("top-k", ("--top-k", "8"), "--top-k changed"),
+    ("cache", ("--cache", "sparse"), "--cache changed"),  # (--top-k counts only for the sparse cache)
     ("model-weights", ("MODEL", "{root}/other_weights"), "the model (its config or weight files) changed"),
 ]
 
