@@ -113,7 +113,9 @@ def make_job(tok, args) -> dict:
     from moeprune.evaluate.perplexity import domain_token_streams
 
     streams = domain_token_streams(tok, _jsonl(DATA / "test.jsonl"), args.tokens_per_domain)
-    windows = [ids[i : i + args.seq_len] for ids in streams.values() for i in range(0, len(ids), args.seq_len)]
+    windows = [
+        ids[i : i + args.seq_len] for ids in streams.values() for i in range(0, len(ids), args.seq_len)
+    ]
     windows = [w for w in windows if len(w) >= 2]
     items = _jsonl(DATA / "generation.jsonl")[: args.items]
     texts = [r["text"] for r in _jsonl(DATA / "test.jsonl")][: args.tokenizer_texts]
@@ -188,7 +190,15 @@ def run_model(label: str, model_dir: Path, work: Path, args, rows: list[dict]) -
     job_file.write_text(json.dumps(job))
     ref = reference(model_dir, tok, job)
     own = compare(ref, ref["logits"], ref["predictions"], job)
-    rows.append({"model": label, "backend": "transformers fp32", "bytes": ref["bytes"], **own, "experts": ref["experts"]})
+    rows.append(
+        {
+            "model": label,
+            "backend": "transformers fp32",
+            "bytes": ref["bytes"],
+            **own,
+            "experts": ref["experts"],
+        }
+    )
 
     for outtype in ("f16", "q8_0"):
         gguf = work / f"{label}-{outtype}.gguf"
@@ -239,15 +249,23 @@ def table(rows: list[dict], args, seconds: float, job_shape: str) -> str:
         ref = r["backend"].startswith("transformers")
         out.append(
             f"{r['model']:<11} {r['backend']:<34} {r['experts']:>7} {r['bytes'] / 1e6:>6.1f} {r['ppl']:>8.3f} "
-            + (f"{'-':>11} {'-':>8} {'-':>7}" if ref else f"{r['max_rel']:>11.2e} {r['max_abs']:>8.4f} {r['top1']:>7.2%}")
+            + (
+                f"{'-':>11} {'-':>8} {'-':>7}"
+                if ref
+                else f"{r['max_rel']:>11.2e} {r['max_abs']:>8.4f} {r['top1']:>7.2%}"
+            )
             + f" {r['em']:>6.1%} {('-' if ref else format(r['same_answer'], '.1%')):>6}"
         )
     out.append("")
-    out.append("llama.cpp's own tokenizer (GGUF rows): prompts / held-out texts tokenized exactly as transformers does,")
+    out.append(
+        "llama.cpp's own tokenizer (GGUF rows): prompts / held-out texts tokenized exactly as transformers does,"
+    )
     out.append("and exact match when llama.cpp tokenizes the prompt and detokenizes the answer itself:")
     for r in rows:
         if "own_em" in r:
-            out.append(f"  {r['model']:<11} {r['backend']:<26} prompts {r['tok_prompts']:.1%}  texts {r['tok_texts']:.1%}  EM {r['own_em']:.1%}")
+            out.append(
+                f"  {r['model']:<11} {r['backend']:<26} prompts {r['tok_prompts']:.1%}  texts {r['tok_texts']:.1%}  EM {r['own_em']:.1%}"
+            )
     out.append("")
     goals = []
     for label in dict.fromkeys(r["model"] for r in rows):
@@ -255,21 +273,39 @@ def table(rows: list[dict], args, seconds: float, job_shape: str) -> str:
         f16, q8, ref = by.get("GGUF F16"), by.get("GGUF Q8_0"), by.get("transformers fp32")
         if f16:
             ok = f16["max_rel"] <= 1e-2 and f16["top1"] >= 0.99
-            goals.append(f"  {label}: GGUF f16 max|dl|/range {f16['max_rel']:.2e} <= 1e-2 and top-1 {f16['top1']:.2%} >= 99%: {'PASS' if ok else 'FAIL'}")
+            goals.append(
+                f"  {label}: GGUF f16 max|dl|/range {f16['max_rel']:.2e} <= 1e-2 and top-1 {f16['top1']:.2%} >= 99%: {'PASS' if ok else 'FAIL'}"
+            )
         if q8 and ref:
             gap = abs(q8["em"] - ref["em"]) * 100
-            goals.append(f"  {label}: GGUF Q8_0 exact match {q8['em']:.1%} vs transformers {ref['em']:.1%} (gap {gap:.1f} points <= 2): {'PASS' if gap <= 2 else 'FAIL'}")
+            goals.append(
+                f"  {label}: GGUF Q8_0 exact match {q8['em']:.1%} vs transformers {ref['em']:.1%} (gap {gap:.1f} points <= 2): {'PASS' if gap <= 2 else 'FAIL'}"
+            )
     out += ["Goals:", *goals, ""]
-    out.append(f"Setup: {job_shape}. Sparsity {args.sparsity} (uniform, frequency criterion, default calibration).")
-    out.append("max|dl|/rng: per position |logit - reference logit| max over the vocabulary divided by that position's")
-    out.append("reference logit range (max - min), then the max over all positions; top-1: argmax agreement over all")
-    out.append("positions; ppl: over the same windows; EM: greedy exact match on the generation items, scored as the suite")
-    out.append("does; =ref: fraction of items whose answer equals transformers'. GGUF/llm-compressor rows get the")
+    out.append(
+        f"Setup: {job_shape}. Sparsity {args.sparsity} (uniform, frequency criterion, default calibration)."
+    )
+    out.append(
+        "max|dl|/rng: per position |logit - reference logit| max over the vocabulary divided by that position's"
+    )
+    out.append(
+        "reference logit range (max - min), then the max over all positions; top-1: argmax agreement over all"
+    )
+    out.append(
+        "positions; ppl: over the same windows; EM: greedy exact match on the generation items, scored as the suite"
+    )
+    out.append(
+        "does; =ref: fraction of items whose answer equals transformers'. GGUF/llm-compressor rows get the"
+    )
     out.append("transformers tokenizer's token ids. MB: safetensors / GGUF / compressed-tensors file size.")
     out.append(f"Project: torch {torch.__version__}, {_versions(sys.executable, 'transformers')}")
-    out.append(f"GGUF client: {_versions(args.gguf_python, 'llama-cpp-python gguf transformers torch')}; converter {args.llama_cpp}")
+    out.append(
+        f"GGUF client: {_versions(args.gguf_python, 'llama-cpp-python gguf transformers torch')}; converter {args.llama_cpp}"
+    )
     if not args.no_llmc:
-        out.append(f"llm-compressor client: {_versions(args.llmc_python, 'llmcompressor compressed-tensors transformers torch')}")
+        out.append(
+            f"llm-compressor client: {_versions(args.llmc_python, 'llmcompressor compressed-tensors transformers torch')}"
+        )
     out.append(f"Machine: {platform.machine()}, {os.cpu_count()} cores; total {seconds:.0f}s")
     return "\n".join(out) + "\n"
 

@@ -101,7 +101,9 @@ def test_saved_names_match_the_hub_layout(family, tmp_path):
         assert layer is not None and not EXPERT.search(name), f"{name}: {want[name]} -> {shape}"
         i = int(layer.group(1))
         diff = [(a, b) for a, b in zip(want[name], shape, strict=True) if a != b]
-        assert len(diff) == 1 and diff[0][0] * kept[i] == diff[0][1] * total[i], f"{name}: {want[name]} -> {shape}"
+        assert len(diff) == 1 and diff[0][0] * kept[i] == diff[0][1] * total[i], (
+            f"{name}: {want[name]} -> {shape}"
+        )
 
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info

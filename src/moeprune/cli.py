@@ -142,6 +142,44 @@ def _criterion_plan(api, model, criterion, sparsity, data, text_field, stats, nu
     return plan, loaded, counts
 
 
+def _uniform_from(api, model, run_dir, criterion, data, text_field, stats, num_samples, seq_len, seed):
+    """The uniform plan nearest to the plan searched in `run_dir` (see `nearest_uniform`)."""
+    from .allocate.space import AllocationSpace
+    from .arch import moe_layers
+    from .criteria import get_criterion, removal_order
+    from .nearest_uniform import ORDER_FILE, check_order, nearest_uniform, run_criterion, run_order, run_plan
+    from .observe import ExpertStats
+
+    searched, order = run_plan(run_dir), run_order(run_dir)
+    criterion = criterion or run_criterion(run_dir)
+    if order is None:
+        if criterion is None:
+            fail(f"{run_dir} records no criterion; give the search's --criterion")
+        get_criterion(criterion)
+        if stats is None and data is None:
+            fail(
+                f"{run_dir} holds no {ORDER_FILE}; give the search's --data (and --num-samples, --seq-len, "
+                "--seed) or --stats to recompute its removal order"
+            )
+    api.check_model(model, searched)
+    tokens = None
+    if order is None and stats is None:
+        tokens = _calibration(api, model, data, text_field, num_samples, seq_len, seed)
+    loaded = api.load(model)
+    counts = api.expert_counts(loaded)
+    if order is None:
+        expert_stats = ExpertStats.load(stats) if stats is not None else None
+        if expert_stats is None:
+            expert_stats = api.observe(loaded, tokens, criteria=[criterion], seed=seed)
+        api.check_stats(loaded, expert_stats)
+        order = removal_order(expert_stats, criterion, seed)
+    rooms = AllocationSpace.from_layers(moe_layers(loaded), budget=0).layers
+    groups = {r.index: r.step for r in rooms}
+    check_order(searched, order, groups)
+    plan = nearest_uniform(searched, order, groups=groups, max_remove={r.index: r.max_remove for r in rooms})
+    return plan, loaded, counts, criterion
+
+
 @app.command()
 def observe(
     model: ModelArg,
@@ -205,6 +243,15 @@ def prune(
     num_samples: NumSamplesOpt = 128,
     seq_len: SeqLenOpt = 512,
     seed: SeedOpt = 0,
+    uniform_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--uniform-from",
+            help="A `moeprune search` run directory: remove the uniform plan nearest to its searched plan "
+            "(one expert count for llama.cpp/vLLM/SGLang). The removal order comes from the run, else "
+            "from --data/--stats with the search's --criterion, --num-samples, --seq-len and --seed.",
+        ),
+    ] = None,
 ) -> None:
     """Remove experts from MODEL and write a smaller checkpoint to --out."""
     from . import api
@@ -212,11 +259,17 @@ def prune(
     from .surgery.checkpoint import check_output_dir
 
     check_output_dir(out, overwrite)
-    if plan is None and criterion is None:
+    if uniform_from is not None:
+        if plan is not None or sparsity is not None:
+            fail("--uniform-from takes the plan and its size from the search run; drop --plan/--sparsity")
+        expert_plan, loaded, counts, criterion = _uniform_from(
+            api, model, uniform_from, criterion, data, text_field, stats, num_samples, seq_len, seed
+        )
+    elif plan is None and criterion is None:
         fail("say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE")
-    if plan is not None and criterion is not None:
+    elif plan is not None and criterion is not None:
         fail("give either --plan or --criterion, not both")
-    if criterion is not None:
+    elif criterion is not None:
         expert_plan, loaded, counts = _criterion_plan(
             api, model, criterion, sparsity, data, text_field, stats, num_samples, seq_len, seed
         )
@@ -236,6 +289,7 @@ def prune(
         overwrite=overwrite,
         plan=expert_plan.to_dict(),
         **({"criterion": criterion, "sparsity": sparsity} if criterion is not None else {}),
+        **({"uniform_from": str(uniform_from)} if uniform_from is not None else {}),
     )
     left = sum(len(v) for v in kept.values())
     console.print(f"pruned {sum(counts.values()) - left} of {sum(counts.values())} routed experts -> {path}")
