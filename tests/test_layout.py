@@ -6,11 +6,13 @@ mapping (`transformers.conversion_mapping`) says how each family's original chec
 for gpt-oss ...). llama.cpp's converter, vLLM and llm-compressor read the original layout. Here the
 expected layout is derived from that mapping on the UNPRUNED tiny model (nothing is written per family)
 and shrunk to the kept experts; the names moeprune writes for the pruned model must equal it, and the
-checkpoint must reload with the stock loader with no missing or unexpected key.
+checkpoint must reload with the stock loader with no missing or unexpected key. ``config.json`` must hold
+the new expert count under the family's own keys (``MoEFamily.num_experts_keys``, the hub configs' names).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
+from moeprune.arch import FAMILIES as FAMILY
 from moeprune.arch import FAMILIES as REGISTERED
 from moeprune.arch import moe_layers
 from moeprune.surgery import remove_experts_, save_pruned
@@ -104,6 +107,11 @@ def test_saved_names_match_the_hub_layout(family, tmp_path):
         assert len(diff) == 1 and diff[0][0] * kept[i] == diff[0][1] * total[i], (
             f"{name}: {want[name]} -> {shape}"
         )
+
+    # config.json holds the new count under the family's own (hub) keys, not only transformers 5's name
+    raw = json.loads((out / "config.json").read_text())
+    for key in FAMILY[family].num_experts_keys:
+        assert raw.get(key) == kept[min(kept)], f"{family}: config.json {key}={raw.get(key)}"
 
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info

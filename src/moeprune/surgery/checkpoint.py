@@ -18,6 +18,7 @@ from ..arch import family_of, moe_layers
 from ..errors import MoepruneError, UnsupportedModelError
 from . import slicing
 from .card import model_card
+from .hub_config import write_hub_expert_keys
 
 MANIFEST = "moeprune.json"
 CARD = "README.md"
@@ -92,6 +93,7 @@ def save_pruned(
         elif hasattr(model.config, "auto_map"):
             del model.config.auto_map
         model.save_pretrained(tmp)
+        write_hub_expert_keys(tmp, model.config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
