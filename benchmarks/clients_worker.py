@@ -87,6 +87,7 @@ def llama(args) -> None:
         n_batch=n_ctx,
         n_ubatch=n_ctx,
         logits_all=True,
+        **({"type_k": 0, "type_v": 0} if args.kv_f32 else {}),  # GGML_TYPE_F32 KV cache (default: f16)
         n_threads=args.threads,
         n_threads_batch=args.threads,
         verbose=False,
@@ -245,6 +246,7 @@ def main() -> None:
     g.add_argument("--job", required=True)
     g.add_argument("--out", required=True)
     g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--kv-f32", action="store_true", help="f32 KV cache instead of llama.cpp's default f16")
     q = sub.add_parser("llmc")
     q.add_argument("--model", required=True)
     q.add_argument("--job", required=True)
