@@ -119,9 +119,14 @@ def prune(
     seed: Seed = 0, device: Device = "cpu",
     mode: Annotated[str, opt("--mode", "auto | stream (rewrite the safetensors tensor by tensor) | memory.")] = "auto",
     max_shard_size: Annotated[str | None, opt("--max-shard-size", "Largest weight file, e.g. 5GB.")] = None,
+    uniform_from: Annotated[str | None, opt("--uniform-from", "A search's run dir: prune its nearest uniform plan.")] = None,
 ) -> None:  # fmt: skip
     """Remove experts from MODEL and write a smaller checkpoint to --out (streamed when it can be)."""
-    if plan is None and criterion is None:
+    if uniform_from is not None and (plan is not None or criterion is not None or sparsity is not None):
+        raise MoepruneError(
+            "--uniform-from takes the plan and its size from the search run; drop --plan/--criterion/--sparsity"
+        )
+    if plan is None and criterion is None and uniform_from is None:
         raise MoepruneError(
             "say which experts to remove: --plan PLAN.json, or --criterion NAME --sparsity S --data FILE"
         )
@@ -136,8 +141,9 @@ def prune(
             "--criterion needs calibration data (--data FILE_OR_HUB_ID) or statistics (--stats DIR)"
         )
     fields = {"plan": str(plan)} if plan is not None else {"criterion": criterion, "sparsity": sparsity, "stats": stats}  # fmt: skip
+    fields |= {"uniform_from": uniform_from}
     _execute(_build(
-        "plan" if plan is not None else "uniform", model, out, seed=seed, device=device, mode=mode,
+        "plan" if plan is not None or uniform_from is not None else "uniform", model, out, seed=seed, device=device, mode=mode,
         max_shard_size=max_shard_size,
         data=_data(data, text_field, num_samples, seq_len), **fields,
     ), overwrite=overwrite)  # fmt: skip

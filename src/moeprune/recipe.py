@@ -195,6 +195,7 @@ class Recipe(_Strict):
     calibration: DataSpec | None = None
     stats: str | None = None  # saved expert statistics (`moeprune observe`) instead of calibration
     plan: str | None = None  # plan JSON, for allocation: plan
+    uniform_from: str | None = None  # a search's run directory: its nearest uniform plan (allocation: plan)
     search: SearchSpec | None = None
     eep: EEPSpec | None = None
     evaluate: EvaluateSpec | None = None
@@ -233,14 +234,16 @@ class Recipe(_Strict):
         a = self.allocation
         ranking = self.calibration is not None or self.stats is not None
         if a == "plan":
-            if self.plan is None:
-                raise ValueError("allocation 'plan' needs a plan file (plan: PLAN.json)")
+            if (self.plan is None) == (self.uniform_from is None):
+                raise ValueError(
+                    "allocation 'plan' needs a plan file (plan: PLAN.json) or a search run (uniform_from: DIR)"
+                )
             if self.criterion is not None or ranking:
                 raise ValueError(
                     "allocation 'plan' takes its experts from the plan: drop criterion/calibration"
                 )
-        elif self.plan is not None:
-            raise ValueError("a plan file needs allocation: plan")
+        elif self.plan is not None or self.uniform_from is not None:
+            raise ValueError("a plan file or uniform_from needs allocation: plan")
         elif self.sparsity is None:
             raise ValueError(f"allocation '{a}' needs a sparsity (share of routed experts removed)")
         if a in ("uniform", "evoesap") and self.criterion is None:

@@ -117,6 +117,9 @@ class RunContext:
         if spec.plan is not None:
             self.plan_file = ExpertPlan.from_json(check_readable_file(spec.plan, "plan file"))
             validate_plan(self.skeleton, self.plan_file)
+        elif spec.uniform_from is not None:
+            self.plan_file = self._nearest_uniform(spec.uniform_from)
+            validate_plan(self.skeleton, self.plan_file)
         self._stats = self._load_stats(spec.stats) if spec.stats is not None else None
         self._check_eep()
         self._check_space()
@@ -148,6 +151,24 @@ class RunContext:
                 self._check_identity()
         for note in notes:  # once every check passed: a failing run says only what failed
             warnings.warn(note, MoepruneWarning, stacklevel=4)
+
+    def _nearest_uniform(self, run_dir: str) -> ExpertPlan:
+        """The uniform plan nearest to the plan a search saved in `run_dir` (`allocate.nearest_uniform`),
+        by the removal order the search recorded."""
+        from ..allocate.nearest_uniform import ORDER_FILE, check_order, nearest_uniform, run_order, run_plan
+        from ..plan import layer_bounds
+
+        searched, order = run_plan(run_dir), run_order(run_dir)
+        if order is None:
+            raise MoepruneError(
+                f"{run_dir} holds no {ORDER_FILE} (a search by an older moeprune); run the search again"
+            )
+        bounds = {layer.index: layer_bounds(layer) for layer in moe_layers(self.skeleton)}
+        groups = {i: b.step for i, b in bounds.items()}
+        check_order(searched, order, groups)
+        return nearest_uniform(
+            searched, order, groups=groups, max_remove={i: b.max_remove for i, b in bounds.items()}
+        )
 
     def _load_stats(self, path: str):
         from ..criteria import get_criterion

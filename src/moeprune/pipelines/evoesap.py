@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ..allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts, uniform_allocation
+from ..allocate.nearest_uniform import ORDER_FILE
 from ..allocate.space import Counts, RemovalOrder
 from ..arch import moe_layers
 from ..criteria import removal_order
@@ -159,6 +160,8 @@ def evoesap(ctx: RunContext) -> Choice:
         ),
         "fitness.png": history_png(outcome.result.history, label=search.fitness),
     }
+    # the order the counts cut: `prune --uniform-from` turns the plan into the nearest uniform one with it
+    files[ORDER_FILE] = json.dumps({"criterion": s.criterion, "seed": s.seed, "order": order}) + "\n"
     if state.exists():
         files[STATE_FILE] = state.read_text()
     b, u = outcome.best_fitness, outcome.uniform_fitness

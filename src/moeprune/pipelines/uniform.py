@@ -27,7 +27,6 @@ def uniform(ctx: RunContext) -> Choice:
 
 
 def given_plan(ctx: RunContext) -> Choice:
-    plan = ctx.plan_file
-    return Choice(
-        plan, {"allocation": "plan", "plan": plan.to_dict()}, _summary(plan, ctx.num_experts), "plan"
-    )
+    plan, source = ctx.plan_file, ctx.spec.uniform_from
+    record = {"allocation": "plan", "plan": plan.to_dict()} | ({"uniform_from": source} if source else {})
+    return Choice(plan, record, _summary(plan, ctx.num_experts), "plan")

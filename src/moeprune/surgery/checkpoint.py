@@ -23,6 +23,7 @@ from ..arch import family_of
 from ..errors import MoepruneError, MoepruneWarning, UnsupportedModelError
 from ..interrupts import deferred_signals, raise_on_signals
 from . import slicing
+from .hub_config import write_hub_expert_keys
 
 MANIFEST = "moeprune.json"
 CARD = "README.md"
@@ -319,6 +320,7 @@ def write_checkpoint(
         elif hasattr(model.config, "auto_map"):
             del model.config.auto_map
         write_weights(tmp)
+        write_hub_expert_keys(tmp, model.config)  # the family's own count keys too (hub readers use them)
         if non_uniform:
             (tmp / REMOTE_CODE_FILE).write_text(remote_code_source(model))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
