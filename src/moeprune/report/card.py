@@ -66,6 +66,8 @@ def model_card(
             "# or, without remote code:",
             "import moeprune",
             'model = moeprune.load("THIS_DIR")',
+            "# llama.cpp, vLLM and SGLang need one expert count per model: `moeprune prune SOURCE",
+            "# --uniform-from THIS_DIR --out DIR` writes the nearest uniform checkpoint",
         ]
     else:
         lines += [
