@@ -2,8 +2,8 @@
 llama.cpp (GGUF, through llama-cpp-python) and llm-compressor. Writes benchmarks/results/clients.txt.
 
     PYTHONPATH=src .venv/bin/python benchmarks/clients.py \
-        --gguf-python /work/clients-venv/bin/python --llama-cpp DIR/vendor/llama.cpp \
-        --llmc-python /work/llmc-venv/bin/python
+        --gguf-python ~/clients-venv/bin/python --llama-cpp DIR/vendor/llama.cpp \
+        --llmc-python ~/llmc-venv/bin/python
 
 The clients live in their own virtual environments (see docs/serving.md for the install commands) and
 run as subprocesses (`clients_worker.py`); the moeprune side (pruning, transformers reference, metrics)
@@ -53,11 +53,11 @@ GGUF_RUNS = (("f32", True, "GGUF F32, f32 KV"), ("f16", False, "GGUF F16"), ("q8
 
 INSTALL = """\
 Install the clients into their own virtual environments (docs/serving.md):
-  python3 -m venv /work/clients-venv
-  /work/clients-venv/bin/pip install torch==2.13.0 numpy gguf transformers sentencepiece 'protobuf<5'
-  /work/clients-venv/bin/pip install llama-cpp-python          # builds llama.cpp for the CPU
+  python3 -m venv ~/clients-venv
+  ~/clients-venv/bin/pip install torch==2.13.0 numpy gguf transformers sentencepiece 'protobuf<5'
+  ~/clients-venv/bin/pip install llama-cpp-python          # builds llama.cpp for the CPU
   pip download --no-deps --no-binary :all: llama-cpp-python   # its sdist ships vendor/llama.cpp
-  python3 -m venv /work/llmc-venv && /work/llmc-venv/bin/pip install torch==2.13.0 llmcompressor
+  python3 -m venv ~/llmc-venv && ~/llmc-venv/bin/pip install torch==2.13.0 llmcompressor
 then pass --gguf-python, --llama-cpp (the unpacked sdist's vendor/llama.cpp) and --llmc-python, or set
 MOEPRUNE_GGUF_PYTHON, MOEPRUNE_LLAMA_CPP and MOEPRUNE_LLMC_PYTHON."""
 
