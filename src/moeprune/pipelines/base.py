@@ -74,7 +74,7 @@ class RunContext:
             raise
 
     def _check(self, spec, *, overwrite: bool, resume: bool, progress: bool) -> None:
-        from ..data import load_data
+        from ..data import is_prompt_set, load_data, tokenize_rows
         from ..plan import validate_plan
         from ..recipe import placement
         from ..surgery.checkpoint import check_output_dir, load_tokenizer, output_lock, skeleton
@@ -125,18 +125,27 @@ class RunContext:
         self._check_space()
         self.tokenizer = load_tokenizer(self.source)
 
-        def tokens(d):
+        def tokens(d, rows=None):
             if d is None:
                 return None
+            seed = spec.seed if d.seed is None else d.seed
+            if rows is not None:  # already read: tokenised, not read again
+                if self.tokenizer is None:
+                    raise MoepruneError("the model has no tokenizer, so text data cannot be tokenised")
+                return tokenize_rows(
+                    rows, self.tokenizer, seq_len=d.seq_len, num_samples=d.samples, per_domain=d.per_domain, seed=seed
+                )  # fmt: skip
             return load_data(
                 d.data, self.tokenizer, text_field=d.text_field, seq_len=d.seq_len, num_samples=d.samples,
-                per_domain=d.per_domain, seed=spec.seed if d.seed is None else d.seed,
+                per_domain=d.per_domain, seed=seed,
             )  # fmt: skip
 
         self.calibration = tokens(spec.calibration)
-        self.search_prompts = self._prompts(spec.search.data) if spec.search is not None else None
+        rows = self._search_rows(spec.search.data) if spec.search is not None else None
+        self.search_prompts = rows if rows is not None and is_prompt_set(rows) else None
         on_policy = self.search_prompts is not None
-        self.search_tokens = tokens(spec.search.data if spec.search is not None and not on_policy else None)
+        search = spec.search.data if spec.search is not None and not on_policy else None
+        self.search_tokens = tokens(search, rows)
         self.heldout_tokens = tokens(spec.evaluate.heldout if spec.evaluate is not None else None)
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
@@ -243,16 +252,15 @@ class RunContext:
         search = SearchSet.from_tokens(self.search_tokens)
         return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k)
 
-    def _prompts(self, d):
-        """The search rows when they are prompts for on-policy data (else None); read (and so checked)
-        before any weight loads."""
-        from ..data import is_prompt_set, read_rows
+    def _search_rows(self, d):
+        """The search data's rows, read once (before any weight loads); None for a weighted mixture
+        (each source is read by `data.load_data`)."""
+        from ..data import read_rows
         from ..data.build import mixture
 
         if len(mixture(d.data)) > 1:
             return None
-        rows = read_rows(d.data, text_field=d.text_field)
-        return rows if is_prompt_set(rows) else None
+        return read_rows(d.data, text_field=d.text_field)
 
     def _continue_prompts(self):
         """On-policy search data: the unpruned model continues the prompts (greedy, or sampled with
