@@ -7,6 +7,8 @@ Outputs (paths inside the package, ``src/moeprune/assets/testbed/``)::
     data/generation.jsonl     200 arithmetic prompts on held-out operand pairs ({"prompt", "answer", "op"})
     data/multiple_choice.jsonl 200 items: pick the right result among 4 ({"prompt", "options", "answer"})
     data/search.jsonl         search split, per domain (never test)
+    data/search_prompts.jsonl the search split's arithmetic questions ({"prompt": "a+b=", "domain"}), for
+                              on-policy search data: the model answers them, only its answers are scored
     data/calibration.jsonl    calibration split, per domain (never test)
     data/meta.json            seed, sizes, unigram-baseline perplexity per domain
     training_curve.jsonl      the training log
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import sys
 from collections import Counter
@@ -122,6 +125,18 @@ def unigram_ppl(tokenizer, train_rows: list[dict], test_rows: list[dict]) -> dic
     return out
 
 
+def search_prompts(search_rows: list[dict]) -> list[dict]:
+    """Every distinct ``a<op>b=`` question of the search split's arithmetic lines, in order of first
+    appearance (the search split never shares an operand pair with the generation or MC items)."""
+    seen: dict[str, None] = {}
+    for row in search_rows:
+        if row["domain"] == "arith":
+            for line in row["text"].split("\n"):
+                if re.fullmatch(r"\d+[-+*]\d+=\d+", line):
+                    seen.setdefault(line.split("=")[0] + "=", None)
+    return [{"prompt": q, "domain": "arith"} for q in seen]
+
+
 def export_data(corpus: Path, tokenizer, seed: int, out: Path) -> dict:
     def ntok(r: dict) -> int:
         return len(tokenizer(r["text"])["input_ids"]) + 1
@@ -131,6 +146,7 @@ def export_data(corpus: Path, tokenizer, seed: int, out: Path) -> dict:
     for split, name in (("search", "search"), ("calib", "calibration")):
         rows = cap_rows(read_jsonl(corpus / f"{split}.jsonl"), SPLIT_CHARS[split], lambda r: len(r["text"]))
         write_jsonl(out / f"{name}.jsonl", rows)
+    write_jsonl(out / "search_prompts.jsonl", search_prompts(read_jsonl(out / "search.jsonl")))
     write_jsonl(out / "generation.jsonl", generation_items(seed))
     write_jsonl(out / "multiple_choice.jsonl", multiple_choice_items(seed))
     meta = {

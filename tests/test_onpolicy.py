@@ -60,3 +60,22 @@ def test_search_on_prompts_scores_the_models_own_continuations(run_cli, tmp_path
     history = json.loads((out / "search_history.json").read_text())
     assert 4 <= history["teacher"]["scored_tokens"] <= 4 * 64  # generated tokens only (gen_tokens 64)
     assert not (tmp_path / ".run.run").exists()
+
+
+def test_a_stop_text_ends_each_continuation_after_it(tmp_path):
+    model, tok = tiny_model("qwen3_moe"), tiny_tokenizer()
+    rows = read_rows(write_prompts(tmp_path / "p.jsonl"))
+    full = continue_prompts(model, tok, rows, gen_tokens=12, sample=True, seed=1)
+    texts = [tok.decode(full.input_ids[i][full.score_mask[i]]) for i in range(len(full))]
+    # a character the sampled continuations write, not first in all of them
+    stop = next(ch for t in texts for ch in t[1:-1] if ch.strip())
+    cut = continue_prompts(model, tok, rows, gen_tokens=12, sample=True, seed=1, stop=stop)
+    assert int(cut.score_mask.sum()) < int(full.score_mask.sum())
+    for i, text in enumerate(texts):
+        written = cut.input_ids[i][cut.score_mask[i]].tolist()
+        kept = tok.decode(written)
+        if stop in text:  # ends with the token that completes the stop text, nothing after it
+            assert stop in kept and stop not in tok.decode(written[:-1])
+            assert text.startswith(kept)
+        else:
+            assert kept == text

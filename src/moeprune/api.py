@@ -232,7 +232,7 @@ def prune_by_criterion(
     return plan, prune(model, plan)
 
 
-def search_set(data, batch_size: int = 8):
+def search_set(data, batch_size: int | None = None):
     """A `fitness.SearchSet` from a `TokenSet` (or anything with input_ids/attention_mask/score_mask)."""
     from .fitness import SearchSet
 

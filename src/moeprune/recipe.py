@@ -114,6 +114,7 @@ class SearchSpec(_Strict):
     candidate_batch: int = Field(1, ge=1)
     checkpoint_every: int = Field(5, ge=1)
     gen_tokens: int = Field(64, ge=1)  # on-policy data (prompt rows): tokens the model writes per prompt
+    gen_stop: str | None = None  # on-policy: end each continuation after this text (e.g. "\n"), else at eos
     sample: bool = False  # on-policy: sample (seeded) instead of greedy
     min_remove: dict[int, int] | None = None  # per decoder layer index
     max_remove: dict[int, int] | None = None

@@ -23,6 +23,15 @@ from .build import TokenSet
 from .sources import Row
 
 
+def _until(tokens: list[int], stop: str | None, tokenizer) -> list[int]:
+    """`tokens` up to and including the first token whose text completes `stop` (all without one)."""
+    if stop:
+        for k in range(len(tokens)):
+            if stop in tokenizer.decode(tokens[: k + 1]):
+                return tokens[: k + 1]
+    return tokens
+
+
 def is_prompt_set(rows: Sequence[Row]) -> bool:
     """Every row is a bare prompt or a chat that ends with the user's turn."""
     return bool(rows) and all(
@@ -53,9 +62,11 @@ def continue_prompts(
     sample: bool = False,
     seed: int = 0,
     max_len: int | None = None,
+    stop: str | None = None,
 ) -> TokenSet:
     """`num_samples` prompts (seeded draw, kept in order) continued by `model` for up to `gen_tokens`
-    tokens (stopping at end-of-sequence): a `TokenSet` scored on the continuations only. Prompts of
+    tokens (stopping at end-of-sequence, and after the first `stop` text, e.g. "\\n" for one-line
+    answers, when given): a `TokenSet` scored on the continuations only. Prompts of
     one length are generated together (no padding inside a batch, so no position shifts)."""
     if not is_prompt_set(rows):
         raise DataError(
@@ -88,7 +99,7 @@ def continue_prompts(
         )  # fmt: skip
         for i, row in zip(members, out[:, ids.shape[1] :].tolist(), strict=True):
             cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
-            written[i] = row[:cut]
+            written[i] = _until(row[:cut], stop, tokenizer)
     width = max(len(prompts[i]) + len(written[i]) for i in order)
     input_ids = torch.full((len(order), width), int(pad), dtype=torch.long)  # (B, L)
     attention = torch.zeros(len(order), width, dtype=torch.long)  # (B, L)

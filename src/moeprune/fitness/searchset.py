@@ -45,6 +45,9 @@ class SearchBatch:
         return nxt.reshape(-1)
 
 
+BATCH_TOKENS = 2048  # token positions per search batch (rows x length) by default
+
+
 @dataclass
 class SearchSet:
     """Teacher-forced text for the fitness, as fixed batches (shapes never change between candidates)."""
@@ -57,15 +60,19 @@ class SearchSet:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
     ) -> SearchSet:
         """input_ids (N, L); attention_mask (N, L) (default all ones); score_mask (N, L) bool, e.g.
-        assistant-only tokens (default: every attended token)."""
+        assistant-only tokens (default: every attended token). `batch_size` rows per batch; default
+        max(1, BATCH_TOKENS // L): 8 windows of 256 tokens, or 204 short on-policy answers of 10, so that
+        short rows do not pay the per-batch cost of every layer many times over."""
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
             raise DataError(
                 f"search set must be (sequences, length >= 2) token ids, got shape {tuple(input_ids.shape)}"
             )
         input_ids = input_ids.long()
+        if batch_size is None:
+            batch_size = max(1, BATCH_TOKENS // input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if score_mask is None:
@@ -84,7 +91,7 @@ class SearchSet:
         return out
 
     @classmethod
-    def from_tokens(cls, data, batch_size: int = 8) -> SearchSet:
+    def from_tokens(cls, data, batch_size: int | None = None) -> SearchSet:
         """From a `data.TokenSet` (or anything with input_ids, attention_mask, score_mask)."""
         if isinstance(data, SearchSet):
             return data

@@ -275,14 +275,14 @@ class RunContext:
         s, d = self.spec.search, self.spec.search.data
         seed = self.spec.seed if d.seed is None else d.seed
         key = json.dumps(
-            [self.source, d.model_dump(), s.gen_tokens, s.sample, seed], sort_keys=True, default=str
+            [self.source, d.model_dump(), *_generation(s), seed], sort_keys=True, default=str
         )
         cached = self.work / f"onpolicy-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if cached.exists():
             return TokenSet(**torch.load(cached))
         data = continue_prompts(
             self.model, self.tokenizer, self.search_prompts, gen_tokens=s.gen_tokens, num_samples=d.samples,
-            sample=s.sample, seed=seed,
+            sample=s.sample, seed=seed, stop=s.gen_stop,
         )  # fmt: skip
         self.work.mkdir(parents=True, exist_ok=True)
         torch.save(vars(data), cached)
@@ -354,7 +354,7 @@ class RunContext:
 
         s = self.spec.search
         rows = [(r.prompt, r.messages) for r in self.search_prompts]
-        key = json.dumps([rows, s.data.model_dump(), s.gen_tokens, s.sample], sort_keys=True, default=str)
+        key = json.dumps([rows, s.data.model_dump(), *_generation(s)], sort_keys=True, default=str)
         return "prompts:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _check_identity(self) -> None:
@@ -417,6 +417,11 @@ IDENTITY_NAMES = {
     "eep.merge_iterations": "--merge-iterations", "eep.active_experts": "--active-experts",
 }  # fmt: skip
 _FINGERPRINTS = ("model", "statistics", "search_data")
+
+
+def _generation(search) -> list:
+    """How on-policy search data is generated (what its cache file and fingerprint depend on)."""
+    return [search.gen_tokens, search.sample] + ([search.gen_stop] if search.gen_stop is not None else [])
 
 
 def _show(value) -> str:
