@@ -267,7 +267,7 @@ def _versions(python: str, mods: str) -> str:
 
 
 def table(rows: list[dict], args, seconds: float, job_shape: str) -> str:
-    cols = f"{'E/layer':>7} {'MB':>6} {'ppl':>8} {'max rel':>8} {'p99 rel':>8} {'>1e-2':>11} {'top-1':>7} {'EM':>6} {'=ref':>6}"
+    cols = f"{'E/layer':>7} {'MB':>6} {'ppl':>8} {'max rel':>8} {'p99 rel':>8} {'>1e-2':>14} {'top-1':>7} {'EM':>6} {'=ref':>6}"
     head = f"{'model':<11} {'backend':<32} {cols}"
     out = [head, "-" * len(head)]
     for r in rows:
@@ -276,11 +276,11 @@ def table(rows: list[dict], args, seconds: float, job_shape: str) -> str:
             continue
         base = f"{r['model']:<11} {r['backend']:<32} {r['experts']:>7} {r['bytes'] / 1e6:>6.1f} {r['ppl']:>8.3f} "
         if r["backend"].startswith("transformers"):
-            out.append(base + f"{'-':>8} {'-':>8} {'-':>11} {'-':>7} {r['em']:>6.1%} {'-':>6}")
+            out.append(base + f"{'-':>8} {'-':>8} {'-':>14} {'-':>7} {r['em']:>6.1%} {'-':>6}")
             continue
         over = f"{r['n_over']} ({r['n_over_tie']} tie)"
         out.append(
-            base + f"{r['max_rel']:>8.1e} {r['p99_rel']:>8.1e} {over:>11} {r['top1']:>7.2%} "
+            base + f"{r['max_rel']:>8.1e} {r['p99_rel']:>8.1e} {over:>14} {r['top1']:>7.2%} "
             f"{r['em']:>6.1%} {r['same_answer']:>6.1%}"
         )
     out += [
