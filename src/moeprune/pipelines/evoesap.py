@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts, uniform_allocation
 from ..allocate.nearest_uniform import ORDER_FILE
@@ -125,7 +125,8 @@ def search_allocation(
     scoring = search_scoring(
         executor, spec, len(teacher.records), racing=racing, z=racing_z, slices=racing_slices
     )
-    details: dict[Counts, FitnessResult] = {}
+    details: dict[Counts, FitnessResult] = {}  # whole results, without per-token values
+    partial: dict[Counts, FitnessResult] = {}  # racing: the first slices of the candidates in a race
 
     def plans(many: list[Counts]) -> list[ExpertPlan]:
         return [plan_from_counts(space, order, c) for c in many]
@@ -135,14 +136,24 @@ def search_allocation(
         details.update(zip(many, results, strict=True))
         return results
 
+    def score_slice(many: list[Counts], s: int) -> list[FitnessResult]:
+        results = scoring.score_slice(plans(many), s)  # type: ignore[union-attr]
+        if s == 0:
+            partial.clear()  # what is left are the candidates the last race dropped
+        for c, r in zip(many, results, strict=True):
+            partial[c] = r if s == 0 else partial[c].then(r)
+            if s == scoring.slices - 1:  # type: ignore[union-attr]
+                details[c] = replace(partial.pop(c), totals=None)
+        return results
+
     raced = isinstance(scoring, Racing)
-    score = scoring.mapped(lambda c: plan_from_counts(space, order, c)) if raced else score_many
+    score = replace(scoring, score_slice=score_slice) if raced else score_many
     with progress_bar("EvoESAP", config.generations, enabled=progress) as bar:
         result = search_counts(space, score, config, state_path=state_path, resume=resume, progress=bar)
     missing = [c for c in dict.fromkeys((result.best, uniform)) if c not in details]
-    if missing and raced:  # scored on every slice (a raced search keeps no whole results)
-        details.update(zip(missing, scoring.race(plans(missing), None)[0], strict=True))
-    elif missing:  # after a resume
+    if missing and raced:  # scored before a resume: again, on every slice
+        score.race(missing, None)  # type: ignore[union-attr]
+    elif missing:
         score_many(missing)
     best_r, uni_r = details[result.best], details[uniform]
     return SearchOutcome(
