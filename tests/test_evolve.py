@@ -18,7 +18,9 @@ from moeprune.merge import EEPConfig, MergeConfig, MergeProblem, SelectionProble
 from moeprune.merge.selection_search import from_plan
 from moeprune.plan import ExpertPlan, layer_bounds
 
-HISTORY_FIELDS = {"generation", "best", "population_best", "median", "new_evaluations", "evaluations"}
+HISTORY_FIELDS = {
+    "generation", "best", "population_best", "median", "new_evaluations", "evaluations", "tokens_scored", "raced_out",
+}  # fmt: skip
 
 
 def layer(index: int, experts: int = 8, groups: int = 1):

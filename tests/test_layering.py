@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "moeprune"
 # bottom to top
 LAYERS = [
     "errors", "interrupts", "quiet", "registry", "preflight", "arch", "plan", "data", "observe", "criteria",
-    "surgery", "fitness", "evolve", "allocate", "merge", "evaluate", "report", "recipe", "execute",
+    "surgery", "fitness", "racing", "evolve", "allocate", "merge", "evaluate", "report", "recipe", "execute",
     "pipelines", "testbed", "demo", "api", "cli",
 ]  # fmt: skip
 

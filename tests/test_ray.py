@@ -49,11 +49,11 @@ def _data(root, name, samples):
     return {"data": str(root / name), "samples": samples, "seq_len": 32}
 
 
-def evoesap(root, out, **options):
+def evoesap(root, out, search_samples=2, **options):
     api.search(
         root / "model", out, criterion="frequency", sparsity=0.5, data=_data(root, "calib.txt", 4),
-        search_data=_data(root, "search.txt", 2), population=6, generations=3, seed=2, progress=False,
-        **options,
+        search_data=_data(root, "search.txt", search_samples), population=6, generations=3, seed=2,
+        progress=False, **options,
     )  # fmt: skip
     history = json.loads((out / "search_history.json").read_text())
     return json.loads((out / "plan.json").read_text()), history["history"], history["executor"]
@@ -84,6 +84,17 @@ def test_two_workers_equal_local(cluster, files, local, tmp_path):
     assert (plan, history) == local["evoesap"][:2]  # bit for bit: fitness values, history, plan
     # EEP: the selection search and the merge search (merge matrices scored by the actors)
     assert eep(files, tmp_path / "eep", executor="ray", workers=2, ray_address=cluster) == local["eep"]
+
+
+def test_racing_on_two_workers_equals_local(cluster, files, tmp_path):
+    """A racing slice is a ScoreSpec: the actors score it like this process does, bit for bit."""
+    race = dict(search_samples=24, racing_z=0.5)  # 3 search batches of 8 windows: 3 slices
+    local = evoesap(files, tmp_path / "local", **race)
+    ray_run = evoesap(files, tmp_path / "ray", executor="ray", workers=2, ray_address=cluster, **race)
+    assert ray_run[:2] == local[:2]
+    saved = [json.loads((tmp_path / d / "search_history.json").read_text()) for d in ("local", "ray")]
+    assert saved[0]["racing"]["slices"] == 3 and saved[0]["racing"]["raced_out"] > 0
+    assert saved[0]["tokens"] == saved[1]["tokens"] and saved[0]["raced_out"] == saved[1]["raced_out"]
 
 
 def test_worker_sigkill_mid_generation_same_plan(cluster, files, local, tmp_path, monkeypatch):

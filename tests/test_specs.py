@@ -37,6 +37,8 @@ CASES = [
     ({"sparsity": 1.2}, "must be in [0, 1), got 1.2"),
     ({"population": 0}, "greater than or equal to 1"),
     ({"criterion": "freqency"}, "did you mean 'frequency'"),
+    ({"racing_z": 0}, "must be > 0 (inf: never drop a candidate), got 0"),
+    ({"racing": "maybe"}, "Input should be a valid boolean"),
 ]
 
 
@@ -61,7 +63,7 @@ def test_recipe_and_cli_check_before_loading(run_cli, files, tmp_path, change, n
               "sparsity": 0.5, "criterion": "frequency", "calibration": {"data": str(files / "text.txt")},
               "search": search}  # fmt: skip
     for key, value in change.items():
-        (search if key in ("cache", "fitness", "population") else recipe)[key] = value
+        (search if key in ("cache", "fitness", "population", "racing_z", "racing") else recipe)[key] = value
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(MoepruneError) as e:
@@ -70,7 +72,7 @@ def test_recipe_and_cli_check_before_loading(run_cli, files, tmp_path, change, n
     code, _, err = run_cli("run", path)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     flag = {"cache": "--cache", "fitness": "--fitness", "sparsity": "--sparsity", "population": "--population",
-            "criterion": "--criterion"}[next(iter(change))]  # fmt: skip
+            "criterion": "--criterion", "racing_z": "--racing-z", "racing": "--racing"}[next(iter(change))]  # fmt: skip
     args = ["search", files / "model", "--criterion", "frequency", "--sparsity", "0.5", "--data", files / "text.txt",
             "--search-data", files / "text.txt", "--out", tmp_path / "cli", flag, str(next(iter(change.values())))]  # fmt: skip
     code, _, err = run_cli(*args)

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from .errors import MoepruneError
+from .racing import DEFAULT_Z
 
 # help text is plain (rich_markup_mode=None): '[expert ids]' in a help line is text, not markup
 app = typer.Typer(name="moeprune", help="Prune experts of Mixture-of-Experts language models and write smaller "
@@ -48,6 +49,8 @@ Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")
 Executor = Annotated[str, opt("--executor", "Where candidates are scored: local (this process) or ray.")]
 RayAddress = Annotated[str | None, opt("--ray-address", "Ray cluster HOST:PORT (default: start a local one).")]
 Workers = Annotated[int | None, opt("--workers", "Ray workers (default: one per GPU, else per CPU).")]
+Racing = Annotated[str, opt("--racing", "on: score candidates slice by slice, drop clear losers early; off: exact.")]
+RacingZ = Annotated[float, opt("--racing-z", "Drop when mean + z * se of the paired differences to the worst elite < 0.")]
 # fmt: on
 
 SPECIAL_FLAGS = {"calibration.samples": "--num-samples", "search.data.samples": "--search-samples",
@@ -160,6 +163,7 @@ def search(
     top_k: TopK = 64, text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256, device: Device = "cpu",
     candidate_batch: Stack = 1, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
+    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z,
 ) -> None:  # fmt: skip
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     _execute(_build(
@@ -168,6 +172,7 @@ def search(
         search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
         population=population, generations=generations, seed=seed, cache=cache, top_k=top_k, device=device,
         candidate_batch=candidate_batch, executor=executor, ray_address=ray_address, workers=workers,
+        racing=racing, racing_z=racing_z,
     ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 
@@ -186,6 +191,7 @@ def eep_prune(
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
     cache: Cache = "hidden", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
     resume: Resume = False, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
+    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z,
 ) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""
     _execute(_build(
@@ -195,6 +201,7 @@ def eep_prune(
         population=population, iterations=iterations, merge_iterations=merge_iterations,
         merge_population=merge_population, active_experts=active, seed=seed, cache=cache, top_k=top_k,
         device=device, candidate_batch=candidate_batch, executor=executor, ray_address=ray_address, workers=workers,
+        racing=racing, racing_z=racing_z,
     ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 

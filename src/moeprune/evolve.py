@@ -3,21 +3,33 @@
     population = problem.initial_population(rng, P)
     for generation g = 1..G:
         score, in one call, the candidates not in the score cache (distinct, in population order)
-        ranked = the distinct candidates by score (descending), ties by problem.tie_break
+            (with racing, from generation 2 on: slice by slice, against the worst elite)
+        ranked = the distinct candidates by score (descending), ties by problem.tie_break; raced-out
+            candidates after every fully scored one
         best-ever = ranked[0] when it beats the best so far
-        history += {generation, best, population_best, median, new_evaluations, evaluations, extras}
-        elites = ranked[:E]
+        history += {generation, best, population_best, median, new_evaluations, evaluations,
+                    tokens_scored, raced_out, extras}
+        elites = the first E fully scored candidates of ranked
         population = elites + problem.offspring(elites with scores, rng, P - len(elites))
         every `checkpoint_every` generations and after the last: write the state (atomic JSON)
 
 The score cache is keyed by ``problem.key(candidate)`` (a string), so a candidate seen again is
-never scored twice and a state file stores scores by key. All randomness comes from one numpy PCG64
+never scored twice and a state file stores scores by key. A score function may return floats or
+results with ``score`` and ``tokens`` (e.g. `fitness.FitnessResult`); then the state and the result
+say how many tokens every candidate was scored on. All randomness comes from one numpy PCG64
 generator seeded with ``config.seed`` and passed to the problem, in the order above; the state
 file holds its state, the next population, the score cache, the history and the best candidate,
 so a resumed run gives the result and history of an uninterrupted one, bit for bit. The state
 starts with a header (the problem's `describe()` and the config); resuming a state written with
 other settings is refused with a `MoepruneError` naming what differs. Only `generations` may grow
 (the search continues) and `checkpoint_every` may change.
+
+Racing (`moeprune.racing`): given a `Racing` instead of a score function, the engine scores a
+generation's new candidates slice by slice and drops those clearly worse than the worst current
+elite; a dropped candidate keeps its partial mean, is marked raced out (state: ``raced_out``) and
+ranks below every fully scored candidate, so it never becomes an elite or the best. Generation 1 and
+the elites are always scored on every slice. The worst elite's per-token values are kept from its
+scoring, or recomputed (deterministically, outside the history) when missing, e.g. after a resume.
 
 Three problems plug in: EvoESAP's per-layer counts (`allocate.count_search`), EEP's expert
 selections (`merge.selection_search`) and EEP's merging matrices (`merge.merge_search`).
@@ -26,6 +38,7 @@ selections (`merge.selection_search`) and EEP's merging matrices (`merge.merge_s
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -38,6 +51,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from .errors import MoepruneError
+from .racing import Racing
 
 __all__ = [
     "STATE_VERSION",
@@ -45,12 +59,13 @@ __all__ = [
     "EvolutionResult",
     "Problem",
     "evolve",
+    "map_scoring",
     "progress_bar",
     "score_each",
     "write_json_atomic",
 ]
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 C = TypeVar("C")  # a candidate
 
@@ -113,6 +128,8 @@ class EvolutionResult(Generic[C]):
     evaluations: int  # distinct candidates scored (the size of the score cache)
     scores: dict[str, float] = field(repr=False)  # problem.key(candidate) -> score
     seconds: float = 0.0  # in this process (a resumed run counts from the resume)
+    tokens: dict[str, int] = field(default_factory=dict, repr=False)  # key -> tokens scored on (if told)
+    raced_out: list[str] = field(default_factory=list)  # keys of the candidates racing dropped
 
 
 # config fields that may differ when resuming: they do not change what a generation computes
@@ -131,11 +148,23 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _header(problem: Problem, config: EvolutionConfig) -> dict:
+def _header(problem: Problem, config: EvolutionConfig, racing: Racing | None) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_CHANGES}
-    return json.loads(
-        json.dumps({"version": STATE_VERSION, "problem": problem.describe(), "config": settings})
-    )
+    header = {
+        "version": STATE_VERSION,
+        "problem": problem.describe(),
+        "config": settings,
+        "racing": racing.describe() if racing is not None else None,
+    }
+    return json.loads(json.dumps(header))
+
+
+def _score_of(value: Any) -> tuple[float, int | None]:
+    """(score, tokens) of what a score function returned: a float or a result with ``score``."""
+    if hasattr(value, "score"):
+        tokens = getattr(value, "tokens", None)
+        return float(value.score), None if tokens is None else int(tokens)
+    return float(value), None
 
 
 def _first_difference(saved: Any, now: Any, where: str = "") -> str | None:
@@ -194,7 +223,7 @@ class IterationSettings:
 
 def evolve(
     problem: Problem[C],
-    score_many: Callable[[list[C]], Sequence[float]],
+    score_many: Callable[[list[C]], Sequence[Any]] | Racing,
     config: EvolutionConfig = EvolutionConfig(),
     *,
     state_path: str | Path | None = None,
@@ -204,16 +233,22 @@ def evolve(
     """Maximise the score of `problem`'s candidates (module docstring).
 
     `score_many` scores a generation's new candidates in one call (distinct, in population order;
-    a list of floats in the same order). With `state_path` the state is written every
-    ``config.checkpoint_every`` generations and after the last; with `resume` the search continues
-    from that file when it exists (it must hold the same problem and settings). `progress` is
-    called after every generation (after its checkpoint) with (generation, best-ever score).
+    floats, or results with ``score`` and ``tokens``, in the same order); a `racing.Racing` races
+    them instead. With `state_path` the state is written every ``config.checkpoint_every``
+    generations and after the last; with `resume` the search continues from that file when it exists
+    (it must hold the same problem and settings). `progress` is called after every generation (after
+    its checkpoint) with (generation, best-ever score).
     """
     t0 = time.perf_counter()
     path = Path(state_path) if state_path is not None else None
-    header = _header(problem, config)
+    racing = score_many if isinstance(score_many, Racing) else None
+    header = _header(problem, config, racing)
     rng = np.random.Generator(np.random.PCG64(config.seed))
     scores: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    raced_out: list[str] = []  # in the order they were dropped
+    elite_keys: list[str] = []  # the current elites, best first
+    elite_values: dict[str, np.ndarray] = {}  # their per-token values (racing), where known
     history: list[dict] = []
     best: C | None = None
     best_score = float("-inf")
@@ -223,6 +258,8 @@ def evolve(
         rng.bit_generator.state = state["rng"]
         population = [problem.decode(c) for c in state["population"]]
         scores = {str(k): float(v) for k, v in state["scores"].items()}
+        tokens = {str(k): int(v) for k, v in state["tokens"].items()}
+        raced_out, elite_keys = list(state["raced_out"]), list(state["elites"])
         history = state["history"]
         best, best_score = problem.decode(state["best"]), float(state["best_score"])
         done = int(state["generation"])
@@ -236,16 +273,38 @@ def evolve(
             first.setdefault(k, c)
         distinct = list(first.items())  # in population order
         fresh = [c for k, c in distinct if k not in scores]
-        if fresh:
-            values = list(score_many(fresh))
+        dropped = set(raced_out)
+        if racing is None:
+            values = list(score_many(fresh)) if fresh else []  # type: ignore[operator]
             if len(values) != len(fresh):
                 raise MoepruneError(f"score_many returned {len(values)} scores for {len(fresh)} candidates")
             for c, v in zip(fresh, values, strict=True):
-                scores[problem.key(c)] = float(v)
-        ranked = sorted(distinct, key=lambda kc: (-scores[kc[0]], problem.tie_break(kc[1])))
+                score, n = _score_of(v)
+                scores[problem.key(c)] = score
+                if n is not None:
+                    tokens[problem.key(c)] = n
+        elif fresh:
+            reference = None
+            if elite_keys and not math.isinf(racing.z):  # against the worst elite (generation 1: none)
+                worst = elite_keys[-1]
+                if worst not in elite_values:  # e.g. after a resume: score it again, outside the history
+                    elite_values[worst] = racing.race([first[worst]], None)[0][0].token_scores()
+                reference = elite_values[worst]
+            results, out = racing.race(fresh, reference)
+            for c, r, o in zip(fresh, results, out, strict=True):
+                k = problem.key(c)
+                scores[k], tokens[k] = float(r.score), int(r.tokens)
+                if o:
+                    raced_out.append(k)
+                    dropped.add(k)
+                else:
+                    elite_values[k] = r.token_scores()
+        ranked = sorted(distinct, key=lambda kc: (kc[0] in dropped, -scores[kc[0]], problem.tie_break(kc[1])))
         top_key, top = ranked[0]
         if best is None or scores[top_key] > best_score:
             best, best_score = top, scores[top_key]
+        new_keys = [problem.key(c) for c in fresh]
+        told = all(k in tokens for k in new_keys)  # the score function says how many tokens it scored
         history.append(
             {
                 "generation": generation,
@@ -254,11 +313,17 @@ def evolve(
                 "median": statistics.median(scores[k] for k in keys),
                 "new_evaluations": len(fresh),
                 "evaluations": len(scores),
+                "tokens_scored": sum(tokens[k] for k in new_keys) if told else None,
+                "raced_out": sum(k in dropped for k in new_keys),
                 **problem.history_extras(best),
             }
         )
-        elites = [(c, scores[k]) for k, c in ranked[: config.elites]]
-        population = [c for c, _ in elites] + problem.offspring(elites, rng, config.population - len(elites))
+        elites = [(k, c) for k, c in ranked if k not in dropped][: config.elites]
+        elite_keys = [k for k, _ in elites]
+        elite_values = {k: elite_values[k] for k in elite_keys if k in elite_values}
+        population = [c for _, c in elites] + problem.offspring(
+            [(c, scores[k]) for k, c in elites], rng, config.population - len(elites)
+        )
         if path is not None and (
             generation % config.checkpoint_every == 0 or generation == config.generations
         ):
@@ -270,6 +335,9 @@ def evolve(
                     "population": [problem.encode(c) for c in population],
                     "rng": rng.bit_generator.state,
                     "scores": scores,
+                    "tokens": tokens,
+                    "raced_out": raced_out,
+                    "elites": elite_keys,
                     "history": history,
                     "best": problem.encode(best),
                     "best_score": best_score,
@@ -286,7 +354,16 @@ def evolve(
         evaluations=len(scores),
         scores=scores,
         seconds=time.perf_counter() - t0,
+        tokens=tokens,
+        raced_out=raced_out,
     )
+
+
+def map_scoring(score_many: Callable | Racing, convert: Callable[[Any], Any]) -> Callable | Racing:
+    """`score_many` (a score function or a `Racing`) for candidates that `convert` turns into its own."""
+    if isinstance(score_many, Racing):
+        return score_many.mapped(convert)
+    return lambda candidates: score_many([convert(c) for c in candidates])
 
 
 def score_each(score: Callable[[C], float]) -> Callable[[list[C]], list[float]]:

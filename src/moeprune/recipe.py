@@ -7,7 +7,8 @@ demo, Python), holding every check once. `api.run` carries a `Recipe` out.
     sparsity: 0.5                    # share of the routed experts removed (uniform: in every layer)
     criterion: frequency             # within-layer ranking: observe -> criterion
     calibration: {data: calib.jsonl, samples: 128, seq_len: 512}    # or stats: STATS_DIR
-    search: {data: {data: search.jsonl, samples: 16, seq_len: 256}, population: 32, generations: 50}
+    search: {data: {data: search.jsonl, samples: 16, seq_len: 256}, population: 32, generations: 50,
+             racing: true, racing_z: 2.0, racing_slices: 4}
     evaluate: {suite: testbed, lm_eval: [moeprune_mc], limit: 100}
     seed: 0
     device: cpu
@@ -38,6 +39,7 @@ from pydantic import (
 )
 
 from .errors import MoepruneError, did_you_mean
+from .racing import DEFAULT_SLICES, DEFAULT_Z
 from .registry import Registry
 
 # The allocations a run can use: name -> pipeline ``choose(ctx) -> Choice`` (moeprune.pipelines),
@@ -121,6 +123,24 @@ class SearchSpec(_Strict):
     executor: Literal["local", "ray"] = "local"  # where candidates are scored (`moeprune.execute`)
     ray_address: str | None = None  # HOST:PORT of a Ray cluster (default: start a local one)
     workers: int | None = Field(None, ge=1)  # Ray actors (default: one per GPU, or per CPU)
+    # racing (`moeprune.racing`): candidates scored slice by slice, dropped when clearly below the worst elite
+    racing: bool = True  # off: every candidate on every token (the exact search)
+    racing_z: float = DEFAULT_Z  # z of the paired bound; inf never drops (= the exact search)
+    racing_slices: int = DEFAULT_SLICES  # slices of the search batches (off with fewer than 2 batches)
+
+    @field_validator("racing_z")
+    @classmethod
+    def _racing_z(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0 (inf: never drop a candidate), got {v}")
+        return v
+
+    @field_validator("racing_slices")
+    @classmethod
+    def _racing_slices(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1 (1: no racing), got {v}")
+        return v
 
     @field_validator("fitness")
     @classmethod

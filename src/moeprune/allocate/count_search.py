@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evolve import EvolutionConfig, EvolutionResult, evolve
+from ..racing import Racing
 from .counts import counts_from_weights, uniform_allocation
 from .patterns import INIT_PATTERNS, SPEC_ORDER
 from .space import AllocationSpace, Counts
@@ -147,7 +148,7 @@ class CountsProblem:
 
 def search_counts(
     space: AllocationSpace,
-    score_many: Callable[[list[Counts]], Sequence[float]],
+    score_many: Callable[[list[Counts]], Sequence] | Racing,
     config: EvoConfig = EvoConfig(),
     *,
     state_path: str | Path | None = None,
@@ -155,8 +156,9 @@ def search_counts(
     progress: Callable[[int, float], None] | None = None,
 ) -> EvolutionResult[Counts]:
     """Maximise the fitness of per-layer counts over `space` (module docstring). `score_many` scores
-    a generation's new plans in one call (in population order), e.g. stacked; ``evolve.score_each``
-    turns a one-plan score function into one. `state_path`/`resume`/`progress`: see `evolve`."""
+    a generation's new plans in one call (in population order), e.g. stacked, or races them (a
+    `racing.Racing` of counts); ``evolve.score_each`` turns a one-plan score function into one.
+    `state_path`/`resume`/`progress`: see `evolve`."""
     return evolve(
         CountsProblem(space, config),
         score_many,

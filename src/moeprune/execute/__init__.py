@@ -4,7 +4,8 @@
 with its own model copy and prefix cache, candidates sent to the worker that holds their longest
 prefix (`schedule`). Both run the same `Scorer`; a search's history and plan do not depend on the
 executor or the number of workers (with ``candidate_batch`` 1: stacking rounds differently by stack).
-The evolutionary engine (`moeprune.evolve`) keeps owning checkpoint and resume.
+The evolutionary engine (`moeprune.evolve`) keeps owning checkpoint and resume; `slices` gives it
+what to score with: the exact score function or racing slice by slice (`moeprune.racing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from .base import Executor, LocalExecutor, Scorer, ScoreSpec, merge_stats
 from .schedule import AffinityScheduler, prefix_keys
+from .slices import search_scoring, slice_bounds
 
 EXECUTORS = ("local", "ray")
 
@@ -27,6 +29,8 @@ __all__ = [
     "make_executor",
     "merge_stats",
     "prefix_keys",
+    "search_scoring",
+    "slice_bounds",
 ]
 
 

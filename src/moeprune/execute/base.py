@@ -9,7 +9,7 @@ the actor's own copy of the model, so a candidate's score does not depend on whe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..fitness import CandidateEvaluator, FitnessResult, ReuseStats, TeacherRun
 
@@ -22,7 +22,8 @@ class ScoreSpec:
 
     Candidates are `ExpertPlan`s (scored by masking), or with ``merged`` merge plans
     (``{layer: merge.merging.LayerMerge}``: the merged weights are written into the anchors, the
-    others masked)."""
+    others masked). With ``slice`` = (start, stop) they are scored on search batches start..stop-1
+    only and the results keep their per-token values (a racing slice, `execute.slices`)."""
 
     fitness: str = "esap"
     candidate_batch: int = 1  # candidates stacked into one forward (`CandidateEvaluator.evaluate_many`)
@@ -30,6 +31,7 @@ class ScoreSpec:
     reuse: bool = True  # restart from cached hidden states (off for merges: every layer changes)
     active_experts: int | None = None  # route every token to this many experts while scoring
     merged: bool = False
+    slice: tuple[int, int] | None = None
 
 
 class Scorer:
@@ -40,10 +42,15 @@ class Scorer:
         self.evaluators: dict[ScoreSpec, CandidateEvaluator] = {}
 
     def evaluator(self, spec: ScoreSpec) -> CandidateEvaluator:
+        """The spec's evaluator; a slice's runs on its batches, with their share of the cache bytes."""
         if spec not in self.evaluators:
+            teacher, cache_bytes = self.teacher, spec.cache_bytes
+            if spec.slice is not None:
+                teacher = self.teacher.subset(*spec.slice)
+                cache_bytes = cache_bytes * len(teacher.records) // len(self.teacher.records)
             self.evaluators[spec] = CandidateEvaluator(
-                self.model, self.teacher, fitness=spec.fitness, reuse=spec.reuse,
-                cache_bytes=spec.cache_bytes, candidate_batch=spec.candidate_batch,
+                self.model, teacher, fitness=spec.fitness, reuse=spec.reuse, cache_bytes=cache_bytes,
+                candidate_batch=spec.candidate_batch, keep_tokens=spec.slice is not None,
             )  # fmt: skip
         return self.evaluators[spec]
 
@@ -62,18 +69,28 @@ class Scorer:
             return results
 
     def stats(self, spec: ScoreSpec) -> tuple[ReuseStats, int]:
-        """The spec's evaluator's reuse statistics and hidden-cache entries."""
-        ev = self.evaluators.get(spec)
-        return (ev.stats, len(ev.hidden)) if ev is not None else (ReuseStats(), 0)
+        """Reuse statistics and hidden-cache entries of the spec's evaluator and of its racing
+        slices' (a candidate scored on k slices counts k evaluations)."""
+        parts = [
+            (ev.stats, len(ev.hidden))
+            for s, ev in self.evaluators.items()
+            if s == spec or (spec.slice is None and replace(s, slice=None) == spec)
+        ]
+        return _sum_stats(parts)
 
 
-def merge_stats(parts: Sequence[tuple[ReuseStats, int]]) -> dict:
-    """Reuse statistics of several evaluators (workers) as one `ReuseStats.as_dict()` + cache entries."""
+def _sum_stats(parts: Sequence[tuple[ReuseStats, int]]) -> tuple[ReuseStats, int]:
     total = ReuseStats()
     for stats, _ in parts:
         for f in fields(ReuseStats):
             setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
-    return total.as_dict() | {"hidden_cache_entries": sum(n for _, n in parts)}
+    return total, sum(n for _, n in parts)
+
+
+def merge_stats(parts: Sequence[tuple[ReuseStats, int]]) -> dict:
+    """Reuse statistics of several evaluators (workers) as one `ReuseStats.as_dict()` + cache entries."""
+    total, entries = _sum_stats(parts)
+    return total.as_dict() | {"hidden_cache_entries": entries}
 
 
 class Executor:

@@ -4,12 +4,13 @@ The teacher is run once on the search set (`run_teacher`, shared by every evalua
 masking, restarting from cached hidden states where their masks agree with an earlier candidate.
 """
 
-from .evaluator import CandidateEvaluator, FitnessResult, HiddenCache, ReuseStats, TeacherRun, run_teacher
+from .evaluator import CandidateEvaluator, HiddenCache, ReuseStats, TeacherRun, run_teacher
 from .metrics import FITNESS, Fitness
 from .replay import LayerReplay
 from .searchset import SearchBatch, SearchSet
 from .speculative import AcceptanceResult, speculative_acceptance
 from .teacher import TeacherCache, TeacherSlice, teacher_slice
+from .totals import FitnessResult, Totals
 
 __all__ = [
     "FITNESS",
@@ -25,6 +26,7 @@ __all__ = [
     "TeacherCache",
     "TeacherRun",
     "TeacherSlice",
+    "Totals",
     "run_teacher",
     "speculative_acceptance",
     "teacher_slice",

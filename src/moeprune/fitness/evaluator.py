@@ -17,6 +17,7 @@ rounding of the wider matmuls (tested), so a search's plan does not depend on it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -35,6 +36,7 @@ from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
 from .searchset import SearchSet
 from .teacher import CACHE_KINDS, CacheKind, TeacherCache, TeacherSlice, teacher_slice
+from .totals import FitnessResult, Totals
 
 PrefixKey = tuple[int, tuple[tuple[int, ...], ...]]
 
@@ -48,18 +50,6 @@ DEVICE_HEAD_BYTES = 256 * 2**20
 def head_rows_for(device: torch.device, vocab: int) -> int:
     """Scored rows per head chunk: `HEAD_ROWS` on a CPU, else (rows, V) float32 logits in DEVICE_HEAD_BYTES."""
     return HEAD_ROWS if device.type == "cpu" else max(HEAD_ROWS, DEVICE_HEAD_BYTES // (4 * vocab))
-
-
-@dataclass
-class FitnessResult:
-    """Mean over the scored tokens; ``lower``/``upper`` bound the exact value on a sparse cache."""
-
-    name: str
-    value: float
-    score: float  # what the search maximises (value, or -value for losses)
-    lower: float | None = None
-    upper: float | None = None
-    tokens: int = 0
 
 
 @dataclass
@@ -187,6 +177,18 @@ class TeacherRun:
     def top_k(self) -> int:
         return self.cache.top_k
 
+    def subset(self, start: int, stop: int) -> TeacherRun:
+        """The run on search batches start..stop-1 only (views, nothing copied): a racing slice.
+        Whole batches, so a candidate's per-batch computation and its prefix cache stay valid."""
+        return dataclasses.replace(
+            self,
+            search=SearchSet(self.search.batches[start:stop]),
+            cache=dataclasses.replace(self.cache, slices=self.cache.slices[start:stop]),
+            records=self.records[start:stop],
+            positions=self.positions[start:stop],
+            labels=self.labels[start:stop],
+        )
+
 
 @torch.inference_mode()
 def run_teacher(
@@ -272,7 +274,8 @@ class CandidateEvaluator:
     """Fitness of any `ExpertPlan` on one search set, against a `TeacherRun`.
 
     Pass a `TeacherRun` (shared, the teacher runs once) or a `SearchSet` (the teacher runs here,
-    with `cache` / `top_k`); candidates are evaluated under `mask_experts`.
+    with `cache` / `top_k`); candidates are evaluated under `mask_experts`. With `keep_tokens` each
+    result keeps its chunk sums and per-token values (racing: `totals.FitnessResult.then`).
     """
 
     def __init__(
@@ -288,6 +291,7 @@ class CandidateEvaluator:
         cache_bytes: int = 512 * 2**20,
         head_rows: int | None | str = "auto",
         candidate_batch: int = 1,
+        keep_tokens: bool = False,
     ) -> None:
         if candidate_batch < 1:
             raise ValueError(f"candidate_batch must be >= 1, got {candidate_batch}")
@@ -301,6 +305,7 @@ class CandidateEvaluator:
         self.teacher_run = run
         self.search = run.search
         self.candidate_batch = candidate_batch
+        self.keep_tokens = keep_tokens  # results keep their per-token values (`FitnessResult.then`)
         self._stacked: list[StackedCalls] | None = None
         if head_rows == "auto":
             vocab = model.config.get_text_config().vocab_size
@@ -452,7 +457,7 @@ class CandidateEvaluator:
         t0 = time.perf_counter()
         if not isinstance(plan, ExpertPlan):
             plan = ExpertPlan.from_removed(plan)
-        totals, touched = _Totals(), []
+        totals, touched = Totals(self.keep_tokens), []
         with mask_experts(self.model, plan):
             if self.full_forward:
                 for logits, b in zip(self._full_forward_logits(), range(len(self.records)), strict=True):
@@ -491,7 +496,7 @@ class CandidateEvaluator:
                     self._settle(t, None)
                 raise
             for hidden, t in zip(outputs, touched, strict=True):
-                totals = _Totals()
+                totals = Totals(self.keep_tokens)
                 self._score_hidden(hidden, totals)
                 results.append(totals.result(self.fitness))
                 self._settle(t, results[-1].score)
@@ -499,7 +504,7 @@ class CandidateEvaluator:
             self.stats.eval_seconds += time.perf_counter() - t0
         return results
 
-    def _score_hidden(self, hidden: list[torch.Tensor], totals: _Totals) -> None:
+    def _score_hidden(self, hidden: list[torch.Tensor], totals: Totals) -> None:
         """Score the last decoder layer's outputs [(B, L, H)] (the head runs on scored rows only)."""
         for b, h in enumerate(hidden):
             self._score_rows(b, h.reshape(-1, h.shape[-1])[self.positions[b]], totals, head=True)  # (n_b, H)
@@ -507,12 +512,12 @@ class CandidateEvaluator:
     @torch.inference_mode()
     def score_logits(self, all_logits: list[torch.Tensor]) -> FitnessResult:
         """Fitness of any model's logits [(B, L, V)] on the search batches against the teacher."""
-        totals = _Totals()
+        totals = Totals()
         for b, logits in enumerate(all_logits):
             self._score_rows(b, logits.reshape(-1, logits.shape[-1])[self.positions[b]], totals, head=False)
         return totals.result(self.fitness)
 
-    def _score_rows(self, b: int, rows: torch.Tensor, totals: _Totals, *, head: bool) -> None:
+    def _score_rows(self, b: int, rows: torch.Tensor, totals: Totals, *, head: bool) -> None:
         """Add the fitness of batch b's scored rows to `totals`; rows are hidden states (n_b, H) when
         `head`, logits (n_b, V) otherwise."""
         teacher, labels = self.teacher.slices[b], self.labels[b]
@@ -540,30 +545,3 @@ class CandidateEvaluator:
                 out = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
         out.logits.sum().item()  # waits for an asynchronous device (GPU)
         return (time.perf_counter() - t0) / repeats
-
-
-class _Totals:
-    """Running sums of per-token fitness values and bounds."""
-
-    def __init__(self) -> None:
-        self.value, self.lower, self.upper, self.n = 0.0, 0.0, 0.0, 0
-        self.has_lower = self.has_upper = False
-
-    def add(self, value: torch.Tensor, lower: torch.Tensor | None, upper: torch.Tensor | None) -> None:
-        self.value += float(value.double().sum())
-        self.n += int(value.numel())
-        if lower is not None:
-            self.has_lower, self.lower = True, self.lower + float(lower.double().sum())
-        if upper is not None:
-            self.has_upper, self.upper = True, self.upper + float(upper.double().sum())
-
-    def result(self, fitness: Fitness) -> FitnessResult:
-        value = self.value / self.n
-        return FitnessResult(
-            name=fitness.name,
-            value=value,
-            score=fitness.score(value),
-            lower=self.lower / self.n if self.has_lower else None,
-            upper=self.upper / self.n if self.has_upper else None,
-            tokens=self.n,
-        )

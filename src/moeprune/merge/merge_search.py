@@ -25,14 +25,15 @@ import base64
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import MoepruneError
-from ..evolve import IterationSettings, evolve
+from ..evolve import IterationSettings, evolve, map_scoring
+from ..racing import Racing
 from .merging import LayerMerge, MergePlan
 
 __all__ = ["Matrices", "MergeConfig", "MergeProblem", "MergeResult", "search_merges"]
@@ -66,6 +67,8 @@ class MergeResult:
     history: list[dict]
     evaluations: int
     seconds: float
+    tokens: dict[str, int] = field(default_factory=dict)  # candidate key -> tokens scored on
+    raced_out: list[str] = field(default_factory=list)  # keys of the candidates racing dropped
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class MergeProblem:
 def search_merges(
     anchors: Mapping[int, tuple[int, ...]],
     num_experts: Mapping[int, int],
-    score_many: Callable[[list[MergePlan]], Sequence[float]],
+    score_many: Callable[[list[MergePlan]], Sequence] | Racing,
     cfg: MergeConfig = MergeConfig(),
     *,
     state_path: str | Path | None = None,
@@ -161,14 +164,15 @@ def search_merges(
     progress: Callable[[int, float], None] | None = None,
 ) -> MergeResult:
     """Maximise the score of merge plans with the given anchors (module docstring). `score_many`
-    scores an iteration's new plans in one call (in population order; e.g. on several workers);
-    ``evolve.score_each`` turns a one-plan score function into one.
+    scores an iteration's new plans in one call (in population order; e.g. on several workers), or
+    races them (a `racing.Racing` of merge plans); ``evolve.score_each`` turns a one-plan score
+    function into one.
     `state_path`/`resume`/`progress`: see `evolve.evolve`."""
     t0 = time.perf_counter()
     problem = MergeProblem({i: tuple(a) for i, a in anchors.items()}, dict(num_experts), cfg)
     result = evolve(
         problem,
-        lambda candidates: [float(v) for v in score_many([problem.to_plan(ms) for ms in candidates])],
+        map_scoring(score_many, problem.to_plan),
         cfg.evolution(),
         state_path=state_path,
         resume=resume,
@@ -181,4 +185,6 @@ def search_merges(
         history=result.history,
         evaluations=result.evaluations,
         seconds=time.perf_counter() - t0,
+        tokens=result.tokens,
+        raced_out=result.raced_out,
     )

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MoepruneError
-from ..evolve import IterationSettings, evolve
+from ..evolve import IterationSettings, evolve, map_scoring
 from ..plan import ExpertPlan, LayerBounds, LayerShape, layer_bounds
+from ..racing import Racing
 
 __all__ = [
     "EEPConfig",
@@ -98,6 +99,8 @@ class EEPResult:
     history: list[dict]
     evaluations: int
     seconds: float
+    tokens: dict[str, int] = field(default_factory=dict)  # selection key -> tokens scored on
+    raced_out: list[str] = field(default_factory=list)  # keys of the selections racing dropped
 
 
 def layer_choices(layers: Sequence[LayerShape], keep: Mapping[int, int]) -> list[LayerChoice]:
@@ -201,7 +204,7 @@ class SelectionProblem:
 
 def search_selections(
     choices: Sequence[LayerChoice],
-    score_many: Callable[[list[ExpertPlan]], Sequence[float]],
+    score_many: Callable[[list[ExpertPlan]], Sequence] | Racing,
     cfg: EEPConfig = EEPConfig(),
     *,
     seeds: Sequence[ExpertPlan] = (),
@@ -210,14 +213,15 @@ def search_selections(
     progress: Callable[[int, float], None] | None = None,
 ) -> EEPResult:
     """Maximise the fitness of the selections of `choices` (module docstring). `score_many` scores
-    an iteration's new selections, as plans, in one call (e.g. stacked); ``evolve.score_each`` turns
-    a one-plan score function into one. `state_path`/`resume`/`progress`: see `evolve.evolve`."""
+    an iteration's new selections, as plans, in one call (e.g. stacked), or races them (a
+    `racing.Racing` of plans); ``evolve.score_each`` turns a one-plan score function into one.
+    `state_path`/`resume`/`progress`: see `evolve.evolve`."""
     t0 = time.perf_counter()
     choices = tuple(choices)
     problem = SelectionProblem(choices, cfg.move_probability, tuple(from_plan(choices, p) for p in seeds))
     result = evolve(
         problem,
-        lambda sels: score_many([to_plan(choices, s) for s in sels]),
+        map_scoring(score_many, lambda sel: to_plan(choices, sel)),
         cfg.evolution(),
         state_path=state_path,
         resume=resume,
@@ -230,4 +234,6 @@ def search_selections(
         history=result.history,
         evaluations=result.evaluations,
         seconds=time.perf_counter() - t0,
+        tokens=result.tokens,
+        raced_out=result.raced_out,
     )

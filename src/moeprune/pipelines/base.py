@@ -337,6 +337,7 @@ class RunContext:
             "search_data": self._search_fingerprint(),
             "min_remove": {str(k): v for k, v in sorted((search.min_remove or {}).items())} or None,
             "max_remove": {str(k): v for k, v in sorted((search.max_remove or {}).items())} or None,
+            "racing": f"z {search.racing_z}, {search.racing_slices} slices" if search.racing else "off",
             "seed": s.seed,
         }
         if s.allocation == "eep":
@@ -412,6 +413,7 @@ IDENTITY_NAMES = {
     "fitness": "--fitness", "cache": "--cache", "top_k": "--top-k",
     "search_data": "the search data (--search-data/--search-samples/--search-seq-len)",
     "min_remove": "search.min_remove", "max_remove": "search.max_remove",
+    "racing": "racing (--racing/--racing-z/search.racing_slices)",
     "population": "--population", "generations": "--generations", "eep.population": "--population",
     "eep.iterations": "--iterations", "eep.merge_population": "--merge-population",
     "eep.merge_iterations": "--merge-iterations", "eep.active_experts": "--active-experts",

@@ -14,11 +14,12 @@ from ..arch import moe_layers
 from ..criteria import choose_removed
 from ..errors import MoepruneError
 from ..evolve import progress_bar
-from ..execute import Executor, LocalExecutor, ScoreSpec
+from ..execute import Executor, LocalExecutor, ScoreSpec, search_scoring
 from ..fitness import TeacherRun
 from ..merge import EEPConfig, MergeConfig, layer_choices, search_merges, search_selections
 from ..merge.active import reduced_active_experts
 from ..plan import ExpertPlan, uniform_counts, validate_plan
+from ..racing import DEFAULT_SLICES, DEFAULT_Z
 from .base import STATE_FILES, Choice, RunContext
 
 
@@ -40,14 +41,18 @@ def select_experts(
     resume: bool = False,
     checkpoint_every: int = 5,
     executor: Executor | None = None,
+    racing: bool = True,
+    racing_z: float = DEFAULT_Z,
+    racing_slices: int = DEFAULT_SLICES,
 ):
     """EEP's prune phase: which experts each MoE layer keeps, scored by `fitness` against `teacher` by
     exact masking. How many each layer loses is given: a uniform `sparsity`, or `removed_per_layer`.
     `seeds` join the random initial population; with `active_experts` = k' the candidates route every
     token to k' experts (the teacher keeps the model's own top-k). With `state_path` the search is
     checkpointed every `checkpoint_every` iterations; `resume` continues it. `executor` scores the
-    candidates (`moeprune.execute`; default: in this process). Returns `merge.EEPResult`; the model is
-    left unchanged."""
+    candidates (`moeprune.execute`; default: in this process), raced over `racing_slices` slices of
+    the search batches with `racing_z` unless `racing` is off (`moeprune.racing`). Returns
+    `merge.EEPResult`; the model is left unchanged."""
     if (sparsity is None) == (removed_per_layer is None):
         raise MoepruneError("give exactly one of sparsity or removed_per_layer")
     layers = moe_layers(model)
@@ -62,9 +67,10 @@ def select_experts(
         pass
     executor = executor if executor is not None else LocalExecutor(model, teacher)
     spec = ScoreSpec(fitness=fitness, candidate_batch=candidate_batch, active_experts=active_experts)
+    race = dict(racing=racing, z=racing_z, slices=racing_slices)
     with progress_bar("EEP prune", iterations, progress) as bar:
         return search_selections(
-            choices, lambda plans: [r.score for r in executor.score(spec, plans)], cfg, seeds=seeds,
+            choices, search_scoring(executor, spec, len(teacher.records), **race), cfg, seeds=seeds,
             state_path=state_path, resume=resume, progress=bar,
         )  # fmt: skip
 
@@ -84,11 +90,15 @@ def merge_into_anchors(
     resume: bool = False,
     checkpoint_every: int = 5,
     executor: Executor | None = None,
+    racing: bool = True,
+    racing_z: float = DEFAULT_Z,
+    racing_slices: int = DEFAULT_SLICES,
 ):
     """EEP's merge phase: with `anchors` (the experts each layer keeps) fixed, search the merging
     matrices that fold every expert of a layer into its anchors, scored with the merged weights in
-    place (full forward per candidate). Returns `merge.merge_search.MergeResult`; the model is left
-    unchanged (``merge_experts_(model, result.best)`` applies it)."""
+    place (full forward per candidate), raced like `select_experts`. Returns
+    `merge.merge_search.MergeResult`; the model is left unchanged (``merge_experts_(model,
+    result.best)`` applies it)."""
     layers = moe_layers(model)
     kept = validate_plan(model, anchors, layers)
     num_experts = {layer.index: layer.num_experts for layer in layers}
@@ -100,12 +110,24 @@ def merge_into_anchors(
     executor = executor if executor is not None else LocalExecutor(model, teacher)
     # every candidate changes the weights of every layer: no prefix to reuse
     spec = ScoreSpec(fitness=fitness, reuse=False, active_experts=active_experts, merged=True)
+    race = dict(racing=racing, z=racing_z, slices=racing_slices)
     with progress_bar("EEP merge", iterations, progress) as bar:
         return search_merges(
             {i: tuple(v) for i, v in kept.items()}, num_experts,
-            lambda plans: [r.score for r in executor.score(spec, plans)], cfg, state_path=state_path,
+            search_scoring(executor, spec, len(teacher.records), **race), cfg, state_path=state_path,
             resume=resume, progress=bar,
         )  # fmt: skip
+
+
+def _phase(result) -> dict:
+    """A search phase for ``eep_history.json``: its history and how many tokens each candidate was
+    scored on (fewer for the ones racing dropped)."""
+    return {
+        "evaluations": result.evaluations,
+        "history": result.history,
+        "tokens": result.tokens,
+        "raced_out": result.raced_out,
+    }
 
 
 def eep(ctx: RunContext) -> Choice:
@@ -123,13 +145,16 @@ def eep(ctx: RunContext) -> Choice:
         checkpoint_every=search.checkpoint_every,
         progress=ctx.progress,
         executor=ctx.executor,
+        racing=search.racing,
+        racing_z=search.racing_z,
+        racing_slices=search.racing_slices,
     )
     result = select_experts(
         ctx.model, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, population=e.population,
         iterations=e.iterations, seed=s.seed, seeds=seeds, active_experts=e.active_experts,
         candidate_batch=search.candidate_batch, state_path=states[0], **common,
     )  # fmt: skip
-    history = {"prune": {"evaluations": result.evaluations, "history": result.history}}
+    history = {"prune": _phase(result)}
     summary = (
         f"EEP prune ({search.fitness}): best {result.best_score:.5f} after {result.evaluations} candidates"
     )
@@ -142,7 +167,7 @@ def eep(ctx: RunContext) -> Choice:
             **common,
         )  # fmt: skip
         merges = merged.best
-        history["merge"] = {"evaluations": merged.evaluations, "history": merged.history}
+        history["merge"] = _phase(merged)
         merging = {str(i): {"anchors": list(m.anchors), "M": m.weights.tolist()} for i, m in merges.items()}
         files["merging.json"] = json.dumps(merging) + "\n"
         summary += (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts, uniform_allocation
 from ..allocate.nearest_uniform import ORDER_FILE
@@ -19,9 +19,10 @@ from ..allocate.space import Counts, RemovalOrder
 from ..arch import moe_layers
 from ..criteria import removal_order
 from ..evolve import EvolutionResult, progress_bar
-from ..execute import Executor, LocalExecutor, ScoreSpec
-from ..fitness import TeacherRun
+from ..execute import Executor, LocalExecutor, ScoreSpec, search_scoring
+from ..fitness import FitnessResult, TeacherRun
 from ..plan import ExpertPlan
+from ..racing import DEFAULT_SLICES, DEFAULT_Z, Racing
 from ..report import allocation_png, history_png
 from .base import STATE_FILE, Choice, RunContext
 
@@ -45,6 +46,7 @@ class SearchOutcome:
     teacher: dict
     seconds: float
     executor: dict | None = None
+    racing: dict | None = None  # z, slices, tokens per candidate, share of token evaluations saved
 
     def plan_json(self) -> dict:
         layers = self.space.layers
@@ -60,6 +62,9 @@ class SearchOutcome:
         return {
             "history": self.result.history,
             "evaluations": self.result.evaluations,
+            "racing": self.racing,
+            "tokens": self.result.tokens,  # candidate key -> tokens it was scored on
+            "raced_out": self.result.raced_out,
             "search_seconds": round(self.result.seconds, 3),
             "total_seconds": round(self.seconds, 3),
             "reuse": self.reuse,
@@ -71,8 +76,18 @@ class SearchOutcome:
         return {r.index: r.num_experts - n for r, n in zip(self.space.layers, counts, strict=True)}
 
 
-def _fitness_dict(r) -> dict:
-    return {k: v for k, v in vars(r).items() if v is not None}
+def racing_summary(result, tokens_per_candidate: int, scoring) -> dict | None:
+    """How a raced search went: its settings, tokens scored, and the share of token evaluations
+    saved, 1 - sum(tokens) / (candidates x tokens per candidate); None for an exact search."""
+    if not isinstance(scoring, Racing):
+        return None
+    scored = sum(result.tokens.values())
+    return scoring.describe() | {
+        "tokens_per_candidate": tokens_per_candidate,
+        "tokens_scored": scored,
+        "raced_out": len(result.raced_out),
+        "saved": round(1 - scored / max(1, tokens_per_candidate * len(result.tokens)), 4),
+    }
 
 
 def search_allocation(
@@ -91,10 +106,14 @@ def search_allocation(
     candidate_batch: int = 1,
     cache_bytes: int = 512 * 2**20,
     executor: Executor | None = None,
+    racing: bool = True,
+    racing_z: float = DEFAULT_Z,
+    racing_slices: int = DEFAULT_SLICES,
 ) -> SearchOutcome:
     """Search the per-layer removal counts of `model` (unpruned, left unchanged) with the within-layer
     `order` fixed (``criteria.removal_order``), scored by `fitness` against `teacher`, by `executor`
-    (`moeprune.execute`; default: in this process)."""
+    (`moeprune.execute`; default: in this process); with `racing`, candidates are raced over
+    `racing_slices` slices of the search batches with `racing_z` (`moeprune.racing`)."""
     t0 = time.perf_counter()
     space = AllocationSpace.from_layers(
         moe_layers(model), sparsity=sparsity, min_remove=min_remove, max_remove=max_remove
@@ -103,27 +122,48 @@ def search_allocation(
     plan_from_counts(space, order, uniform)  # a bad order fails before any candidate runs
     executor = executor if executor is not None else LocalExecutor(model, teacher)
     spec = ScoreSpec(fitness=fitness, candidate_batch=candidate_batch, cache_bytes=cache_bytes)
-    details: dict[Counts, object] = {}
-
-    def score_many(many: list[Counts]) -> list[float]:
-        results = executor.score(spec, [plan_from_counts(space, order, c) for c in many])
-        details.update(zip(many, results, strict=True))
-        return [r.score for r in results]
-
-    with progress_bar("EvoESAP", config.generations, enabled=progress) as bar:
-        result = search_counts(space, score_many, config, state_path=state_path, resume=resume, progress=bar)
-    best_r = (
-        details.get(result.best) or executor.score(spec, [plan_from_counts(space, order, result.best)])[0]
+    scoring = search_scoring(
+        executor, spec, len(teacher.records), racing=racing, z=racing_z, slices=racing_slices
     )
-    uni_r = details.get(uniform) or executor.score(spec, [plan_from_counts(space, order, uniform)])[0]
+    details: dict[Counts, FitnessResult] = {}  # whole results, without per-token values
+    partial: dict[Counts, FitnessResult] = {}  # racing: the first slices of the candidates in a race
+
+    def plans(many: list[Counts]) -> list[ExpertPlan]:
+        return [plan_from_counts(space, order, c) for c in many]
+
+    def score_many(many: list[Counts]) -> list[FitnessResult]:
+        results = scoring(plans(many))  # type: ignore[operator]
+        details.update(zip(many, results, strict=True))
+        return results
+
+    def score_slice(many: list[Counts], s: int) -> list[FitnessResult]:
+        results = scoring.score_slice(plans(many), s)  # type: ignore[union-attr]
+        if s == 0:
+            partial.clear()  # what is left are the candidates the last race dropped
+        for c, r in zip(many, results, strict=True):
+            partial[c] = r if s == 0 else partial[c].then(r)
+            if s == scoring.slices - 1:  # type: ignore[union-attr]
+                details[c] = replace(partial.pop(c), totals=None)
+        return results
+
+    raced = isinstance(scoring, Racing)
+    score = replace(scoring, score_slice=score_slice) if raced else score_many
+    with progress_bar("EvoESAP", config.generations, enabled=progress) as bar:
+        result = search_counts(space, score, config, state_path=state_path, resume=resume, progress=bar)
+    missing = [c for c in dict.fromkeys((result.best, uniform)) if c not in details]
+    if missing and raced:  # scored before a resume: again, on every slice
+        score.race(missing, None)  # type: ignore[union-attr]
+    elif missing:
+        score_many(missing)
+    best_r, uni_r = details[result.best], details[uniform]
     return SearchOutcome(
         space=space,
         best=result.best,
         uniform=uniform,
         plan=plan_from_counts(space, order, result.best),
         uniform_plan=plan_from_counts(space, order, uniform),
-        best_fitness=_fitness_dict(best_r),
-        uniform_fitness=_fitness_dict(uni_r),
+        best_fitness=best_r.as_dict(),
+        uniform_fitness=uni_r.as_dict(),
         result=result,
         reuse=executor.reuse(spec),
         teacher={
@@ -135,6 +175,7 @@ def search_allocation(
         },
         seconds=time.perf_counter() - t0,
         executor=executor.describe(),
+        racing=racing_summary(result, sum(len(p) for p in teacher.positions), scoring),
     )
 
 
@@ -151,6 +192,7 @@ def evoesap(ctx: RunContext) -> Choice:
         ctx.model, order, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, config=config,
         state_path=state, resume=ctx.resume, progress=ctx.progress, min_remove=search.min_remove,
         max_remove=search.max_remove, candidate_batch=search.candidate_batch, executor=ctx.executor,
+        racing=search.racing, racing_z=search.racing_z, racing_slices=search.racing_slices,
     )  # fmt: skip
     files: dict[str, str | bytes] = {
         PLAN_FILE: json.dumps(outcome.plan_json(), indent=1) + "\n",
@@ -170,6 +212,9 @@ def evoesap(ctx: RunContext) -> Choice:
         f"{outcome.result.evaluations} candidates in {outcome.result.seconds:.1f}s (hidden-state reuse hit "
         f"rate {outcome.reuse['hit_rate']:.0%})"
     )
+    if outcome.racing is not None:
+        r = outcome.racing
+        summary += f"; racing dropped {r['raced_out']}, saving {r['saved']:.0%} of token evaluations"
     record = {
         "allocation": "evoesap",
         "criterion": s.criterion,

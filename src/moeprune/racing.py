@@ -1,0 +1,102 @@
+"""Racing (multi-fidelity evaluation): score candidates on consecutive slices of the search tokens
+and stop scoring one as soon as it is clearly worse than a reference (the search's worst elite).
+
+After every slice but the last, with a_t the candidate's per-token values on the n tokens scored so
+far and e_t the reference's on the same tokens (both in the direction the search maximises):
+
+    d_t = a_t - e_t,    se = std(d, ddof=1) / sqrt(n),    mean(d) + z * se < 0   ->  dropped
+
+A dropped ("raced out") candidate keeps the mean over its tokens as its score; the others are scored
+on every slice. The slices' results combine (`SliceResult.then`) into exactly the one-pass result
+(`fitness.totals`), so with z = inf, when nothing is ever dropped, a raced search is the exact
+search bit for bit. `evolve.evolve` takes a `Racing` in place of its score function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from .errors import MoepruneError
+
+if TYPE_CHECKING:  # arrays come in; the CLI imports the defaults without numpy
+    import numpy as np
+
+__all__ = ["DEFAULT_SLICES", "DEFAULT_Z", "Racing", "SliceResult", "beaten"]
+
+C = TypeVar("C")  # a candidate
+
+DEFAULT_Z = 2.0  # the searches' default (`recipe.SearchSpec.racing_z`); benchmarks/racing.py
+DEFAULT_SLICES = 4
+
+
+class SliceResult(Protocol):
+    """A candidate's result on the first slices of the search tokens (e.g. `fitness.FitnessResult`)."""
+
+    score: float  # the mean over its tokens, in the direction the search maximises
+    tokens: int  # how many tokens it was scored on
+
+    def token_scores(self) -> np.ndarray:
+        """Per-token values, maximised direction. (tokens,)"""
+        ...
+
+    def then(self, later: Any) -> Any:
+        """This result followed by the next slice's (a `SliceResult`)."""
+        ...
+
+
+def beaten(values: np.ndarray, reference: np.ndarray, z: float) -> bool:
+    """True when the paired bound says the candidate is below the reference (module docstring):
+    `values` (n,) the candidate's per-token values so far, `reference` (>= n,) the reference's on the
+    same tokens first. Never with fewer than 2 tokens or z = inf."""
+    n = len(values)
+    if n < 2 or math.isinf(z):
+        return False
+    d = values - reference[:n]  # (n,)
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    return float(d.mean()) + z * se < 0
+
+
+@dataclass(frozen=True)
+class Racing(Generic[C]):
+    """How a search races its candidates: ``score_slice(candidates, s)`` scores them on slice s
+    (s = 0..slices-1, consecutive parts of the search tokens, in that order); `z` as in the module
+    docstring (inf: never drop)."""
+
+    score_slice: Callable[[list[C], int], Sequence[SliceResult]]
+    slices: int
+    z: float = DEFAULT_Z
+
+    def __post_init__(self) -> None:
+        if self.slices < 1:
+            raise MoepruneError(f"racing needs at least 1 slice, got {self.slices}")
+        if not self.z > 0:
+            raise MoepruneError(f"racing z must be > 0 (inf: never drop a candidate), got {self.z}")
+
+    def describe(self) -> dict:
+        """The settings as JSON (a search state's header)."""
+        return {"z": self.z if math.isfinite(self.z) else "inf", "slices": self.slices}
+
+    def mapped(self, convert: Callable[[Any], C]) -> Racing:
+        """The same racing for candidates that `convert` turns into this one's."""
+        return Racing(lambda cs, s: self.score_slice([convert(c) for c in cs], s), self.slices, self.z)
+
+    def race(self, candidates: list[C], reference: np.ndarray | None) -> tuple[list[SliceResult], list[bool]]:
+        """Every candidate's result and whether it was dropped. Without a `reference` (per-token
+        values of a fully scored candidate), every candidate is scored on every slice."""
+        results: list[Any] = [None] * len(candidates)
+        alive = list(range(len(candidates)))
+        for s in range(self.slices):
+            scored = list(self.score_slice([candidates[i] for i in alive], s))
+            if len(scored) != len(alive):
+                raise MoepruneError(f"score_slice returned {len(scored)} results for {len(alive)} candidates")
+            for i, r in zip(alive, scored, strict=True):
+                results[i] = r if results[i] is None else results[i].then(r)
+            if reference is not None and s < self.slices - 1:
+                alive = [i for i in alive if not beaten(results[i].token_scores(), reference, self.z)]
+            if not alive:
+                break
+        done = set(alive)
+        return results, [i not in done for i in range(len(candidates))]
