@@ -1,150 +1,212 @@
-"""Uniform vs EvoESAP on the testbed at one sparsity, for several within-layer criteria.
+"""Uniform vs EvoESAP on the testbed: which search data and budget make EvoESAP pay off on generation.
 
-One calibration pass serves every criterion; each criterion gets its own search (same search set,
-seed and budget) and both allocations are evaluated by exact masking: ESAP on held-out text (dense
-teacher), per-domain perplexity, generation exact match, multiple-choice accuracy. Prints a
-markdown table (the README's "EvoESAP on the testbed") and writes the numbers as JSON.
+For every sparsity x criterion: one within-layer order (frequency / reap, from one calibration pass),
+the uniform plan, and EvoESAP searches under three configurations, each with several search seeds:
 
-    python benchmarks/testbed_evoesap.py --criteria frequency,reap --sparsity 0.5 \
-        --population 16 --generations 10 --json evoesap_testbed.json
+    text      the search split's text windows (2 per domain x 256 tokens), every token scored, exact
+              scoring (racing off), population P x G generations        -- the earlier default
+    onpolicy  on-policy data: the unpruned model answers the search split's arithmetic questions
+              (search_prompts.jsonl, one line, at most 8 tokens), only its answers scored; exact, P x G
+    racing    the same on-policy data, racing on (the default), a larger budget P2 x G2 chosen to cost
+              about the wall time of `text`                               -- the default configuration
+
+Every plan is evaluated by exact masking: ESAP on held-out text (dense teacher), per-domain perplexity,
+generation exact match, multiple-choice accuracy, and greedy agreement with the unpruned model (share
+of generation items whose answer equals the unpruned model's). Prints one table per sparsity x criterion
+and a summary (mean and worst exact-match gain over uniform per configuration) and writes JSON.
+
+    python benchmarks/testbed_evoesap.py --sparsities 0.25,0.5 --criteria frequency,reap --seeds 0,1,2 \
+        --json benchmarks/results/evoesap_testbed.json | tee benchmarks/results/evoesap_testbed.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from moeprune import api
-from moeprune.allocate import AllocationSpace, EvoConfig, plan_from_counts, search_counts, uniform_allocation
-from moeprune.arch import moe_layers
+from moeprune.allocate import EvoConfig
 from moeprune.criteria import removal_order
-from moeprune.evolve import progress_bar, score_each
-from moeprune.fitness import CandidateEvaluator, SearchSet
-from moeprune.testbed import evaluate_plans, heldout_esap, load_testbed, token_split
+from moeprune.data import continue_prompts, read_rows
+from moeprune.evaluate.generation import generation_exact_match
+from moeprune.evaluate.multiple_choice import multiple_choice_accuracy
+from moeprune.evaluate.perplexity import perplexity_by_domain
+from moeprune.evaluate.suite import read_jsonl
+from moeprune.fitness import CandidateEvaluator, SearchSet, run_teacher
+from moeprune.pipelines.evoesap import search_allocation
+from moeprune.surgery import mask_experts
+from moeprune.testbed import load_testbed, token_split
 
 
-def fmt_row(name: str, esap: float, res: dict, cost: str) -> str:
-    ppl = " | ".join(f"{r['ppl']:.2f}" for r in res["perplexity"].values())
-    return (
-        f"| {name} | {esap:.4f} | {ppl} | {100 * res['generation']['exact_match']:.1f}% | "
-        f"{100 * res['multiple_choice']['accuracy']:.1f}% | {cost} |"
-    )
-
-
-def answers_only(tokens, tok) -> SearchSet:
-    """The search windows with only the answers of ``a<op>b=c`` lines scored: the tokens after '='
-    up to and including the newline (the testbed's tokenizer has one token per digit)."""
-    eq, nl = tok.convert_tokens_to_ids("="), tok("\n")["input_ids"][-1]
-    score = torch.zeros_like(tokens.attention_mask, dtype=torch.bool)  # (N, L)
-    for i, row in enumerate(tokens.input_ids.tolist()):
-        inside = False
-        for t, token in enumerate(row):
-            if inside:
-                score[i, t] = True
-                inside = token != nl
-            elif token == eq:
-                inside = True
-    return SearchSet.from_tensors(
-        tokens.input_ids, tokens.attention_mask, score & tokens.attention_mask.bool()
-    )
+def evaluate(model, tok, plan, suite: dict, heldout: CandidateEvaluator, reference: list[str] | None) -> dict:
+    """The suite on `model` masked by `plan` (None: unpruned), plus held-out ESAP and agreement."""
+    with mask_experts(model, plan or {}):
+        gen = generation_exact_match(model, tok, suite["generation"], max_new_tokens=6, return_predictions=True)
+        out = {
+            "heldout_esap": heldout.evaluate(plan or {}).value,
+            "ppl": {d: r["ppl"] for d, r in perplexity_by_domain(model, tok, suite["text"], suite["tokens"]).items()},
+            "em": gen["exact_match"],
+            "mc": multiple_choice_accuracy(model, tok, suite["mc"])["accuracy"],
+            "predictions": gen["predictions"],
+        }
+    ref = reference if reference is not None else out["predictions"]
+    out["agree"] = sum(a == b for a, b in zip(out["predictions"], ref, strict=True)) / len(ref)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None)
+    p.add_argument("--sparsities", default="0.25,0.5")
     p.add_argument("--criteria", default="frequency,reap")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--population", type=int, default=16)
-    p.add_argument("--generations", type=int, default=10)
-    p.add_argument("--calib-samples", type=int, default=8, help="windows per domain")
-    p.add_argument("--search-samples", type=int, default=2, help="windows per domain")
-    p.add_argument(
-        "--score-answers",
-        action="store_true",
-        help="score only the answer tokens of arithmetic lines (after '=' up to the newline)",
-    )
-    p.add_argument(
-        "--search-file", default=None, help="search split (jsonl; default: the testbed's search.jsonl)"
-    )
-    p.add_argument("--heldout-samples", type=int, default=4, help="windows per domain")
-    p.add_argument("--eval-tokens", type=int, default=8000, help="perplexity tokens per domain")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--configs", default="text,onpolicy,racing")
+    p.add_argument("--population", type=int, default=16, help="P (text, onpolicy)")
+    p.add_argument("--generations", type=int, default=10, help="G (text, onpolicy)")
+    p.add_argument("--racing-population", type=int, default=24, help="P2 (racing)")
+    p.add_argument("--racing-generations", type=int, default=16, help="G2 (racing)")
+    p.add_argument("--prompts", type=int, default=256, help="on-policy questions")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows per domain")
+    p.add_argument("--heldout-samples", type=int, default=2, help="held-out windows per domain")
+    p.add_argument("--eval-tokens", type=int, default=2000, help="perplexity tokens per domain")
     p.add_argument("--eval-items", type=int, default=200)
-    p.add_argument("--fitness", default="esap")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    criteria = [c.strip() for c in args.criteria.split(",")]
+    torch.set_num_threads(args.threads)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    criteria, configs = args.criteria.split(","), args.configs.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    load0 = os.getloadavg()
 
-    model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
-    calib = token_split(tok, data_dir / "calibration.jsonl", args.calib_samples, 256, args.seed)
-    stats = api.observe(model, calib, criteria=criteria, seed=args.seed, progress=False)
-    search_file = args.search_file or data_dir / "search.jsonl"
-    tokens = token_split(tok, search_file, args.search_samples, 256, args.seed)
-    search = api.search_set(tokens) if not args.score_answers else answers_only(tokens, tok)
-    heldout = api.search_set(
-        token_split(tok, data_dir / "test.jsonl", args.heldout_samples, 256, args.seed + 1)
-    )
-    space = AllocationSpace.from_layers(moe_layers(model), sparsity=args.sparsity)
-    uniform = uniform_allocation(space)
-    suite = dict(suite_dir=data_dir, max_tokens_per_domain=args.eval_tokens, max_items=args.eval_items)
-    report: dict = {
-        "settings": vars(args),
-        "search_tokens": search.num_scored(),
-        "heldout_tokens": heldout.num_scored(),
+    model, tok, _, data_dir = load_testbed()
+    calib = token_split(tok, data_dir / "calibration.jsonl", args.calib_samples, 256, 0)
+    stats = api.observe(model, calib, criteria=criteria, seed=0, progress=False)
+    heldout = CandidateEvaluator(
+        model, api.search_set(token_split(tok, data_dir / "test.jsonl", args.heldout_samples, 256, 1)),
+        cache="dense", reuse=False,
+    )  # fmt: skip
+    suite = {
+        "text": read_jsonl(data_dir / "test.jsonl"),
+        "tokens": args.eval_tokens,
+        "generation": read_jsonl(data_dir / "generation.jsonl")[: args.eval_items],
+        "mc": read_jsonl(data_dir / "multiple_choice.jsonl")[: args.eval_items],
     }
+    prompts = read_rows(data_dir / "search_prompts.jsonl")
 
-    base = evaluate_plans(model, tok, {"unpruned": None}, **suite)["unpruned"]
-    report["unpruned"] = base
-    lines = []
-    domains = list(base["perplexity"])
-    head = "| allocation | ESAP (held-out) | " + " | ".join(f"ppl {d}" for d in domains)
-    lines.append(head + " | generation EM | MC acc. | search cost |")
-    lines.append("|" + "---|" * (len(domains) + 5))
-    lines.append(fmt_row("unpruned", 1.0, base, "-"))
-    for criterion in criteria:
-        order = removal_order(stats, criterion, args.seed)
-        ev = CandidateEvaluator(model, search, fitness=args.fitness)
-        t0 = time.perf_counter()
-        with progress_bar("EvoESAP", args.generations) as bar:
-            result = search_counts(
-                space,
-                score_each(
-                    lambda c, ev=ev, order=order: ev.evaluate(plan_from_counts(space, order, c)).score
-                ),
-                EvoConfig(population=args.population, generations=args.generations, seed=args.seed),
-                progress=bar,
-            )
-        wall = time.perf_counter() - t0 + ev.teacher_seconds
-        plans = {
-            "uniform": plan_from_counts(space, order, uniform),
-            "EvoESAP": plan_from_counts(space, order, result.best),
-        }
-        esap = heldout_esap(model, heldout, plans)
-        res = evaluate_plans(model, tok, plans, **suite)
-        cost = f"{result.evaluations} candidates, {wall:.0f}s"
-        lines.append(fmt_row(f"{criterion}, uniform", esap["uniform"], res["uniform"], "-"))
-        lines.append(fmt_row(f"{criterion}, EvoESAP", esap["EvoESAP"], res["EvoESAP"], cost))
-        report[criterion] = {
-            "removed_per_layer": {"uniform": list(uniform), "EvoESAP": list(result.best)},
-            "search_esap": {"uniform": ev.evaluate(plans["uniform"]).value, "EvoESAP": result.best_score},
-            "heldout_esap": esap,
-            "evaluation": res,
-            "search": {"evaluations": result.evaluations, "seconds": wall, "reuse": ev.stats.as_dict()},
-            "history": result.history,
-        }
-        print("\n".join(lines[-2:]), flush=True)
-        print(
-            f"{criterion}: removed per layer uniform {list(uniform)} EvoESAP {list(result.best)}", flush=True
-        )
-    print("\n".join(lines))
+    def search_data(config: str, seed: int) -> SearchSet:
+        if config == "text":
+            return SearchSet.from_tokens(token_split(tok, data_dir / "search.jsonl", 2, 256, seed), min_batches=4)
+        data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=args.prompts, seed=seed, stop="\n")
+        return SearchSet.from_tokens(data, min_batches=4)  # as the pipeline builds it (racing's 4 slices)
+
+    unpruned = evaluate(model, tok, None, suite, heldout, None)
+    reference = unpruned["predictions"]
+    report: dict = {"settings": vars(args), "unpruned": unpruned, "runs": []}
+    print(
+        f"testbed; unpruned: EM {unpruned['em']:.1%}, MC {unpruned['mc']:.1%}; {os.cpu_count()} cores, "
+        f"{args.threads} thread(s); load average before {load0[0]:.1f} {load0[1]:.1f}",
+        flush=True,
+    )
+    budgets = {
+        "text": (args.population, args.generations, False),
+        "onpolicy": (args.population, args.generations, False),
+        "racing": (args.racing_population, args.racing_generations, True),
+    }
+    for sparsity in sparsities:
+        for criterion in criteria:
+            order = removal_order(stats, criterion, 0)
+            rows = []
+            for config in configs:
+                population, generations, racing = budgets[config]
+                for seed in seeds:
+                    t0 = time.perf_counter()
+                    teacher = run_teacher(model, search_data(config, seed), cache="hidden")
+                    out = search_allocation(
+                        model, order, teacher, sparsity=sparsity, progress=False, racing=racing,
+                        config=EvoConfig(population=population, generations=generations, seed=seed),
+                    )  # fmt: skip
+                    wall = time.perf_counter() - t0
+                    if not rows:  # the uniform plan: the same for every configuration and seed
+                        uni = evaluate(model, tok, out.uniform_plan, suite, heldout, reference)
+                        rows.append({"config": "uniform", "seed": None, **uni})
+                    res = evaluate(model, tok, out.plan, suite, heldout, reference)
+                    tokens = sum(out.result.tokens.values()) if getattr(out.result, "tokens", None) else None
+                    per = teacher.search.num_scored()
+                    rows.append({
+                        "config": config, "seed": seed, **res, "candidates": out.result.evaluations,
+                        "tokens": tokens if tokens is not None else per * out.result.evaluations,
+                        "search_tokens": per, "wall": wall, "removed": list(out.best),
+                        "racing": out.racing if hasattr(out, "racing") else None,
+                    })  # fmt: skip
+                    r = rows[-1]
+                    print(
+                        f"  {sparsity:.2f} {criterion} {config} seed {seed}: EM {r['em']:.1%} (uniform "
+                        f"{rows[0]['em']:.1%}), MC {r['mc']:.1%} ({rows[0]['mc']:.1%}), {r['candidates']} "
+                        f"candidates, {wall:.0f} s, removed {r['removed']}",
+                        flush=True,
+                    )
+            report["runs"].append({"sparsity": sparsity, "criterion": criterion, "rows": rows})
+            print(table(sparsity, criterion, rows, unpruned), flush=True)
+    print(summary(report["runs"], configs))
+    load1 = os.getloadavg()
+    print(f"load average after: {load1[0]:.1f} {load1[1]:.1f}")
     if args.json:
+        for run in report["runs"]:
+            for r in run["rows"]:
+                r.pop("predictions", None)
+        unpruned.pop("predictions", None)
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def table(sparsity: float, criterion: str, rows: list[dict], unpruned: dict) -> str:
+    domains = list(unpruned["ppl"])
+    head = (
+        f"\n### {criterion}, sparsity {sparsity}\n\n| plan | seed | ESAP held-out | "
+        + " | ".join(f"ppl {d}" for d in domains)
+        + " | EM | MC | agree | candidates | tokens scored | wall s |\n|"
+        + "---|" * (len(domains) + 9)
+    )
+    lines = [head]
+    for name, r in [("unpruned", unpruned | {"config": "unpruned", "seed": None})] + [(r["config"], r) for r in rows]:
+        ppl = " | ".join(f"{r['ppl'][d]:.2f}" for d in domains)
+        cost = (
+            f"{r['candidates']} | {r['tokens']:,} | {r['wall']:.0f}" if "candidates" in r else "- | - | -"
+        )
+        seed = "-" if r.get("seed") is None else r["seed"]
+        lines.append(
+            f"| {name} | {seed} | {r['heldout_esap']:.4f} | {ppl} | {r['em']:.1%} | {r['mc']:.1%} | "
+            f"{r['agree']:.1%} | {cost} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(runs: list[dict], configs: list[str]) -> str:
+    lines = [
+        "\n### Summary: EvoESAP minus uniform (points), mean over seeds [worst seed]\n",
+        "| sparsity | criterion | config | EM gain | MC gain | agree gain | candidates | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        uni = run["rows"][0]
+        for config in configs:
+            rs = [r for r in run["rows"] if r["config"] == config]
+            if not rs:
+                continue
+            em = [100 * (r["em"] - uni["em"]) for r in rs]
+            mc = [100 * (r["mc"] - uni["mc"]) for r in rs]
+            ag = [100 * (r["agree"] - uni["agree"]) for r in rs]
+            lines.append(
+                f"| {run['sparsity']} | {run['criterion']} | {config} | {statistics.mean(em):+.1f} [{min(em):+.1f}] | "
+                f"{statistics.mean(mc):+.1f} [{min(mc):+.1f}] | {statistics.mean(ag):+.1f} | "
+                f"{statistics.mean(r['candidates'] for r in rs):.0f} | {statistics.mean(r['wall'] for r in rs):.0f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,21 @@ def demo_recipe(
     data_dir: str | Path | None = None,
     criterion: str = "frequency",
     sparsity: float = 0.5,
-    population: int = 12,
-    generations: int = 6,
+    population: int = 16,
+    generations: int = 10,
     seed: int = 0,
     calib_samples: int = 8,
-    search_samples: int = 2,
+    search_prompts: int = 256,
+    gen_tokens: int = 8,
     heldout_samples: int = 2,
     seq_len: int = 256,
     eval_tokens_per_domain: int = 2000,
     eval_items: int = 60,
 ) -> Recipe:
-    """The demo as a recipe. Sample counts are per domain (`calib_samples`, `search_samples`,
-    `heldout_samples` windows of `seq_len` tokens); the suite is capped at `eval_tokens_per_domain`
+    """The demo as a recipe. The search data is on-policy: `search_prompts` arithmetic questions of
+    the search split, answered by the unpruned model (up to `gen_tokens`, one line), only its answers
+    scored. Other sample counts are per domain (`calib_samples`, `heldout_samples` windows of `seq_len`
+    tokens); the suite is capped at `eval_tokens_per_domain`
     tokens and `eval_items` items; the model runs in float32 (the fast dtype on a CPU)."""
     model_dir, data_dir = check_testbed(model_dir, data_dir)
 
@@ -49,7 +52,9 @@ def demo_recipe(
             "criterion": criterion,
             "calibration": split("calibration.jsonl", calib_samples),
             "search": {
-                "data": split("search.jsonl", search_samples),
+                "data": {"data": str(data_dir / "search_prompts.jsonl"), "samples": search_prompts},
+                "gen_tokens": gen_tokens,
+                "gen_stop": "\n",
                 "population": population,
                 "generations": generations,
             },

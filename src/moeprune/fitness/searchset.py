@@ -61,18 +61,22 @@ class SearchSet:
         attention_mask: torch.Tensor | None = None,
         score_mask: torch.Tensor | None = None,
         batch_size: int | None = None,
+        min_batches: int = 1,
     ) -> SearchSet:
         """input_ids (N, L); attention_mask (N, L) (default all ones); score_mask (N, L) bool, e.g.
         assistant-only tokens (default: every attended token). `batch_size` rows per batch; default
-        max(1, BATCH_TOKENS // L): 8 windows of 256 tokens, or 204 short on-policy answers of 10, so that
-        short rows do not pay the per-batch cost of every layer many times over."""
+        max(1, min(BATCH_TOKENS // L, ceil(N / min_batches))): 8 windows of 256 tokens, or 204 short
+        on-policy answers of 10, so that short rows do not pay the per-batch cost of every layer many
+        times over; `min_batches` (racing's slices are whole batches) splits a set that would fit
+        fewer batches."""
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
             raise DataError(
                 f"search set must be (sequences, length >= 2) token ids, got shape {tuple(input_ids.shape)}"
             )
         input_ids = input_ids.long()
         if batch_size is None:
-            batch_size = max(1, BATCH_TOKENS // input_ids.shape[1])
+            n, length = input_ids.shape
+            batch_size = max(1, min(BATCH_TOKENS // length, -(-n // max(1, min_batches))))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if score_mask is None:
@@ -91,12 +95,12 @@ class SearchSet:
         return out
 
     @classmethod
-    def from_tokens(cls, data, batch_size: int | None = None) -> SearchSet:
+    def from_tokens(cls, data, batch_size: int | None = None, min_batches: int = 1) -> SearchSet:
         """From a `data.TokenSet` (or anything with input_ids, attention_mask, score_mask)."""
         if isinstance(data, SearchSet):
             return data
         mask = getattr(data, "attention_mask", None)
-        return cls.from_tensors(data.input_ids, mask, getattr(data, "score_mask", None), batch_size)
+        return cls.from_tensors(data.input_ids, mask, getattr(data, "score_mask", None), batch_size, min_batches)
 
     def to(self, device: torch.device | str) -> SearchSet:
         """The same batches on `device` (the model's, for a model on GPU)."""

@@ -249,7 +249,7 @@ class RunContext:
         s = self.spec.search
         if self.search_tokens is None:  # on-policy: the model writes what it is scored on
             self.search_tokens = self._continue_prompts()
-        search = SearchSet.from_tokens(self.search_tokens)
+        search = SearchSet.from_tokens(self.search_tokens, min_batches=s.racing_slices)  # racing on or off
         return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k)
 
     def _search_rows(self, d):
