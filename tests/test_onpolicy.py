@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 import torch
 
 from moeprune.data import continue_prompts, is_prompt_set, read_rows
@@ -60,6 +61,18 @@ def test_search_on_prompts_scores_the_models_own_continuations(run_cli, tmp_path
     history = json.loads((out / "search_history.json").read_text())
     assert 4 <= history["teacher"]["scored_tokens"] <= 4 * 64  # generated tokens only (gen_tokens 64)
     assert not (tmp_path / ".run.run").exists()
+    # --gen-tokens and --gen-stop reach the recipe ('\\n' typed in a shell is a newline)
+    code, _, err = run_cli(
+        "search", tmp_path / "model", "--criterion", "frequency", "--sparsity", "0.5", "--data",
+        tmp_path / "calib.txt", "--num-samples", "4", "--seq-len", "32", "--search-data", prompts,
+        "--search-samples", "4", "--population", "4", "--generations", "1", "--out", tmp_path / "run2",
+        "--gen-tokens", "3", "--gen-stop", "\\n",
+    )  # fmt: skip
+    assert code == 0, err
+    recipe = yaml.safe_load((tmp_path / "run2" / "recipe.yaml").read_text())
+    assert recipe["search"]["gen_tokens"] == 3 and recipe["search"]["gen_stop"] == "\n"
+    history = json.loads((tmp_path / "run2" / "search_history.json").read_text())
+    assert 4 <= history["teacher"]["scored_tokens"] <= 4 * 3
 
 
 def test_a_stop_text_ends_each_continuation_after_it(tmp_path):

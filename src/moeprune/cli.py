@@ -51,6 +51,8 @@ RayAddress = Annotated[str | None, opt("--ray-address", "Ray cluster HOST:PORT (
 Workers = Annotated[int | None, opt("--workers", "Ray workers (default: one per GPU, else per CPU).")]
 Racing = Annotated[str, opt("--racing", "on: score candidates slice by slice, drop clear losers early; off: exact.")]
 RacingZ = Annotated[float, opt("--racing-z", "Drop when mean + z * se of the paired differences to the worst elite < 0.")]
+GenTokens = Annotated[int, opt("--gen-tokens", "Prompt rows (on-policy data): tokens the model writes per prompt.")]
+GenStop = Annotated[str | None, opt("--gen-stop", "Prompt rows: end each answer after this text (e.g. '\\n'), else at eos.")]
 # fmt: on
 
 SPECIAL_FLAGS = {"calibration.samples": "--num-samples", "search.data.samples": "--search-samples",
@@ -60,6 +62,11 @@ SPECIAL_FLAGS = {"calibration.samples": "--num-samples", "search.data.samples": 
 def flag(key: str) -> str:
     """The flag that sets recipe `key` (so that an error names what the user typed)."""
     return SPECIAL_FLAGS.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def _unescape(text: str | None) -> str | None:
+    """'\\n' typed in a shell is a newline."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _build(allocation: str, model: str, out: Path, **fields):
@@ -163,7 +170,7 @@ def search(
     top_k: TopK = 64, text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256, device: Device = "cpu",
     candidate_batch: Stack = 1, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
-    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z,
+    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z, gen_tokens: GenTokens = 64, gen_stop: GenStop = None,
 ) -> None:  # fmt: skip
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     _execute(_build(
@@ -172,7 +179,7 @@ def search(
         search_data=_data(search_data, text_field, search_samples, search_seq_len), fitness=fitness,
         population=population, generations=generations, seed=seed, cache=cache, top_k=top_k, device=device,
         candidate_batch=candidate_batch, executor=executor, ray_address=ray_address, workers=workers,
-        racing=racing, racing_z=racing_z,
+        racing=racing, racing_z=racing_z, gen_tokens=gen_tokens, gen_stop=_unescape(gen_stop),
     ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 
@@ -191,7 +198,7 @@ def eep_prune(
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
     cache: Cache = "hidden", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
     resume: Resume = False, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
-    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z,
+    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z, gen_tokens: GenTokens = 64, gen_stop: GenStop = None,
 ) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""
     _execute(_build(
@@ -201,7 +208,7 @@ def eep_prune(
         population=population, iterations=iterations, merge_iterations=merge_iterations,
         merge_population=merge_population, active_experts=active, seed=seed, cache=cache, top_k=top_k,
         device=device, candidate_batch=candidate_batch, executor=executor, ray_address=ray_address, workers=workers,
-        racing=racing, racing_z=racing_z,
+        racing=racing, racing_z=racing_z, gen_tokens=gen_tokens, gen_stop=_unescape(gen_stop),
     ), overwrite=overwrite, resume=resume)  # fmt: skip
 
 
