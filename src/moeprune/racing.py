@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_SLICES", "DEFAULT_Z", "Racing", "SliceResult", "beaten"]
 
 C = TypeVar("C")  # a candidate
 
-DEFAULT_Z = 2.0  # the searches' default (`recipe.SearchSpec.racing_z`); benchmarks/racing.py
+DEFAULT_Z = 2.0  # the searches' default: the same plan in 10 of 10 testbed seeds (benchmarks/racing.py)
 DEFAULT_SLICES = 4
 
 
