@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeprune import api
 from moeprune.allocate import EvoConfig
 from moeprune.execute import Executor, LocalExecutor
-from moeprune.fitness import run_teacher
+from moeprune.fitness import SearchSet, run_teacher
 from moeprune.pipelines.evoesap import search_allocation
 from moeprune.testbed import load_testbed, removal_order_for, token_split
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--generations", type=int, default=6)
-    p.add_argument("--search-samples", type=int, default=6, help="windows per domain (5 domains; 8 a batch)")
+    p.add_argument("--search-samples", type=int, default=6, help="windows per domain (5 domains)")
     p.add_argument("--seq-len", type=int, default=48)
     p.add_argument("--mix", action="store_true", help="shuffle the search windows (domains mixed in batches)")
     p.add_argument("--slices", type=int, default=4)
@@ -103,13 +102,16 @@ def main(argv: list[str] | None = None) -> None:
             tokens.input_ids[perm], tokens.attention_mask[perm], tokens.score_mask[perm],
             [tokens.domains[i] for i in perm.tolist()],
         )  # fmt: skip
-    search = api.search_set(tokens)
+    search = SearchSet.from_tokens(
+        tokens, min_batches=args.slices
+    )  # as a run builds it (`RunContext.teacher`)
     teacher = run_teacher(model, search)  # the default cache (hidden: exact)
     full = search.num_scored()
     say(
         f"testbed {model_dir.name}: {args.criterion} order, sparsity {args.sparsity}, population "
         f"{args.population} x {args.generations} generations, search set {len(search.batches)} batches of "
-        f"8 windows x {args.seq_len} tokens ({'shuffled' if args.mix else 'grouped by domain, as loaded'}; "
+        f"{'/'.join(str(b.input_ids.shape[0]) for b in search.batches)} windows x {args.seq_len} tokens "
+        f"({'shuffled' if args.mix else 'grouped by domain, as loaded'}; "
         f"{full} scored tokens), {args.slices} slices, search seeds 0..{args.seeds - 1}"
     )
 
