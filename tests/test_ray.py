@@ -88,12 +88,12 @@ def test_two_workers_equal_local(cluster, files, local, tmp_path):
 
 def test_racing_on_two_workers_equals_local(cluster, files, tmp_path):
     """A racing slice is a ScoreSpec: the actors score it like this process does, bit for bit."""
-    race = dict(search_samples=24, racing_z=0.5)  # 3 search batches of 8 windows: 3 slices
+    race = dict(search_samples=8, racing_z=0.5)  # 4 search batches (racing_slices) of 2 windows
     local = evoesap(files, tmp_path / "local", **race)
     ray_run = evoesap(files, tmp_path / "ray", executor="ray", workers=2, ray_address=cluster, **race)
     assert ray_run[:2] == local[:2]
     saved = [json.loads((tmp_path / d / "search_history.json").read_text()) for d in ("local", "ray")]
-    assert saved[0]["racing"]["slices"] == 3 and saved[0]["racing"]["raced_out"] > 0
+    assert saved[0]["racing"]["slices"] == 4 and saved[0]["racing"]["raced_out"] > 0
     assert saved[0]["tokens"] == saved[1]["tokens"] and saved[0]["raced_out"] == saved[1]["raced_out"]
 
 
