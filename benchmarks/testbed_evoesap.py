@@ -46,11 +46,17 @@ from moeprune.testbed import load_testbed, token_split
 
 def evaluate(model, tok, plan, suite: dict, heldout: CandidateEvaluator, reference: list[str] | None) -> dict:
     """The suite on `model` masked by `plan` (None: unpruned), plus held-out ESAP and agreement."""
+    esap = heldout.evaluate(plan or {}).value  # masks the model itself
     with mask_experts(model, plan or {}):
-        gen = generation_exact_match(model, tok, suite["generation"], max_new_tokens=6, return_predictions=True)
+        gen = generation_exact_match(
+            model, tok, suite["generation"], max_new_tokens=6, return_predictions=True
+        )
         out = {
-            "heldout_esap": heldout.evaluate(plan or {}).value,
-            "ppl": {d: r["ppl"] for d, r in perplexity_by_domain(model, tok, suite["text"], suite["tokens"]).items()},
+            "heldout_esap": esap,
+            "ppl": {
+                d: r["ppl"]
+                for d, r in perplexity_by_domain(model, tok, suite["text"], suite["tokens"]).items()
+            },
             "em": gen["exact_match"],
             "mc": multiple_choice_accuracy(model, tok, suite["mc"])["accuracy"],
             "predictions": gen["predictions"],
@@ -101,8 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def search_data(config: str, seed: int) -> SearchSet:
         if config == "text":
-            return SearchSet.from_tokens(token_split(tok, data_dir / "search.jsonl", 2, 256, seed), min_batches=4)
-        data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=args.prompts, seed=seed, stop="\n")
+            return SearchSet.from_tokens(
+                token_split(tok, data_dir / "search.jsonl", 2, 256, seed), min_batches=4
+            )
+        data = continue_prompts(
+            model, tok, prompts, gen_tokens=8, num_samples=args.prompts, seed=seed, stop="\n"
+        )
         return SearchSet.from_tokens(data, min_batches=4)  # as the pipeline builds it (racing's 4 slices)
 
     unpruned = evaluate(model, tok, None, suite, heldout, None)
@@ -173,11 +183,11 @@ def table(sparsity: float, criterion: str, rows: list[dict], unpruned: dict) -> 
         + "---|" * (len(domains) + 9)
     )
     lines = [head]
-    for name, r in [("unpruned", unpruned | {"config": "unpruned", "seed": None})] + [(r["config"], r) for r in rows]:
+    for name, r in [("unpruned", unpruned | {"config": "unpruned", "seed": None})] + [
+        (r["config"], r) for r in rows
+    ]:
         ppl = " | ".join(f"{r['ppl'][d]:.2f}" for d in domains)
-        cost = (
-            f"{r['candidates']} | {r['tokens']:,} | {r['wall']:.0f}" if "candidates" in r else "- | - | -"
-        )
+        cost = f"{r['candidates']} | {r['tokens']:,} | {r['wall']:.0f}" if "candidates" in r else "- | - | -"
         seed = "-" if r.get("seed") is None else r["seed"]
         lines.append(
             f"| {name} | {seed} | {r['heldout_esap']:.4f} | {ppl} | {r['em']:.1%} | {r['mc']:.1%} | "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from moeprune.data import continue_prompts, is_prompt_set, read_rows
 from moeprune.errors import DataError

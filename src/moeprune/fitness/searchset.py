@@ -100,7 +100,9 @@ class SearchSet:
         if isinstance(data, SearchSet):
             return data
         mask = getattr(data, "attention_mask", None)
-        return cls.from_tensors(data.input_ids, mask, getattr(data, "score_mask", None), batch_size, min_batches)
+        return cls.from_tensors(
+            data.input_ids, mask, getattr(data, "score_mask", None), batch_size, min_batches
+        )
 
     def to(self, device: torch.device | str) -> SearchSet:
         """The same batches on `device` (the model's, for a model on GPU)."""

@@ -274,9 +274,7 @@ class RunContext:
 
         s, d = self.spec.search, self.spec.search.data
         seed = self.spec.seed if d.seed is None else d.seed
-        key = json.dumps(
-            [self.source, d.model_dump(), *_generation(s), seed], sort_keys=True, default=str
-        )
+        key = json.dumps([self.source, d.model_dump(), *_generation(s), seed], sort_keys=True, default=str)
         cached = self.work / f"onpolicy-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if cached.exists():
             return TokenSet(**torch.load(cached))
