@@ -1,44 +1,76 @@
-"""EvoESAP search cost, side by side in one run on the testbed (or any model + data splits).
+"""EvoESAP search cost on the testbed: the default search against a straightforward reference, side by
+side in one process, over several seeds and both kinds of search data.
 
-Prints:
-1. one candidate evaluation / one plain forward over the search set, averaged over a search
-   (reuse of cached hidden states; goal <= 0.8), with the hidden-state cache hit rate;
-2. teacher cache bytes, top-K sparse / dense (goal <= 2%), and the largest |ESAP_sparse - ESAP_dense|
-   over every candidate both searches scored;
-3. wall time of a whole search (teacher cache + evolution) vs a straightforward reference (dense
-   full-vocabulary cache, a full forward per candidate, log-softmax and ESAP on the whole (B*L, V)
-   logits), same seed: speed-up and whether the best plans agree. moeprune runs twice, with its
-   default sparse cache and with a dense one (same fitness values as the reference, so the same
-   trajectory is expected), to separate what the cache changes from what reuse saves, and a third
-   time stacking `--candidate-batch` candidates per forward (what pays on a GPU).
+default    what `moeprune search` runs: the hidden-state teacher cache (``cache="hidden"``, exact),
+           racing on with its defaults (z = 2, 4 slices of the search batches; `moeprune.racing`,
+           `execute.slices.search_scoring`), prefix reuse, the head on the scored rows only; search
+           batches built as the pipeline builds them (``SearchSet.from_tokens(tokens, min_batches=4)``)
+           and scored by `pipelines.evoesap.search_allocation(..., racing=True)`.
+reference  a dense full-vocabulary teacher cache, a full forward per candidate, log-softmax and ESAP on
+           every scored row's whole logits at once, every candidate on every token (no racing).
 
-    python benchmarks/search.py [--model DIR --data DIR] [--population 16 --generations 10] [--threads 2]
-    python benchmarks/search.py --device cuda      # the same table on a GPU
+Search data (both searches of a seed use the same batches):
+text       the search split's text windows (2 per domain x 256 tokens), every token scored;
+onpolicy   what `moeprune demo` searches on: the unpruned model answers the search split's arithmetic
+           questions (search_prompts.jsonl; 256 prompts, `data.continue_prompts(..., gen_tokens=8,
+           stop="\\n")`), only its answers scored. Generating them is common to both searches and
+           reported apart (the pipeline keeps it with the run for a resume).
+
+Prints, per data kind: the whole-search wall time (teacher + evolution) of each search and their ratio
+per seed and over all seeds (goal >= 3x); the best plan's exact (dense) ESAP of each, and their
+mean over the seeds (goal: default within 0.002 of the reference); where the default search's time
+goes (candidate cost in plain forwards of the same batches, timed next to the candidates; layers
+run; racing's share of the work; the hidden cache's extra head matmul; teacher pass); and the
+teacher-cache table: bytes of dense / sparse top-K / hidden on the testbed and per scored token at
+Qwen3's V = 151,936, H = 2048, and the largest |ESAP - dense ESAP| over every candidate the reference
+searches scored (their logits scored against each cache, outside the timed windows). There is no
+nucleus mode in `fitness/teacher.py`; the table says so.
+
+    python benchmarks/search.py [--kinds text,onpolicy] [--seeds 0,1,2] [--population 16 --generations 10]
+    python benchmarks/search.py --device cuda --threads 4     # the same on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 from scipy.stats import kendalltau
 
-from moeprune import api
 from moeprune.allocate import AllocationSpace, EvoConfig, mutate, plan_from_counts, search_counts
 from moeprune.arch import moe_layers
+from moeprune.data import continue_prompts, read_rows
 from moeprune.evolve import score_each
-from moeprune.fitness import CandidateEvaluator
+from moeprune.execute import LocalExecutor
+from moeprune.fitness import CandidateEvaluator, SearchSet, run_teacher
+from moeprune.pipelines.evoesap import search_allocation
+from moeprune.racing import DEFAULT_SLICES
 from moeprune.testbed import load_testbed, removal_order_for, token_split
+
+QWEN3 = {"V": 151_936, "H": 2048}
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f}/{five:.1f}"
+
+
+def per_token_bytes(kind: str, vocab: int, hidden: int, k: int, hidden_bytes: int = 4) -> int:
+    """Bytes one scored token costs in a cache (sparse: K float32 probs + K ids + the tail mass)."""
+    ids = 2 if vocab <= 32767 else 4
+    return {"dense": 4 * vocab, "sparse": k * (4 + ids) + 4, "hidden": hidden_bytes * hidden}[kind]
 
 
 def shared_prefix_share(space: AllocationSpace, base: tuple[int, ...], samples: int = 4000) -> float:
-    """Mean share of MoE layers before the first one a SPEC mutant changes: the most a mutant can
-    take from its parent's cached prefix (the structural bound of prefix reuse)."""
+    """Mean share of MoE layers before the first one a mutant changes: the most a mutant can take
+    from its parent's cached prefix (the structural bound of prefix reuse)."""
     rng = np.random.Generator(np.random.PCG64(0))
     cfg, n, shares = EvoConfig(), len(space.layers), []
     for _ in range(samples):
@@ -49,143 +81,350 @@ def shared_prefix_share(space: AllocationSpace, base: tuple[int, ...], samples: 
     return float(np.mean(shares))
 
 
-def timed_search(model, search, space, order, cfg, probe, plain_every: int = 4, **evaluator_kwargs):
-    """A whole search; after every `plain_every` evaluation calls one plain forward is timed (same
-    load on this shared machine) and excluded from the search's wall time. A stacking evaluator
-    (candidate_batch > 1) gets each generation's new candidates in one call."""
-    t0 = time.perf_counter()
-    ev = CandidateEvaluator(model, search, **evaluator_kwargs)
-    per_candidate, evals, plains = {}, [], []  # evals: (seconds, candidates) per call
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def score_many(many):
+
+class PlainProbe:
+    """Times one stock forward of every search batch (the unit of cost), now and then during a search;
+    the seconds it takes are excluded from that search's wall time."""
+
+    def __init__(self, model, search: SearchSet, device: str) -> None:
+        self.model, self.batches, self.device = model, search.to(device).batches, device
+        self.samples: list[list[float]] = []  # per probe: seconds per batch
+        self.seconds = 0.0  # spent probing
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        per = []
+        for b in self.batches:
+            t = time.perf_counter()
+            self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            sync(self.device)
+            per.append(time.perf_counter() - t)
+        self.samples.append(per)
+        self.seconds += time.perf_counter() - t0
+
+    def per_batch(self) -> list[float]:
+        """Median seconds of each batch's plain forward over the probes."""
+        return [statistics.median(s[b] for s in self.samples) for b in range(len(self.batches))]
+
+    def total(self) -> float:
+        return sum(self.per_batch())
+
+
+class TimedExecutor(LocalExecutor):
+    """The local executor, recording every scoring call: (seconds, candidates, batches it covered);
+    after every `every` calls the probe times a plain forward (excluded from the search's time)."""
+
+    def __init__(self, model, teacher, probe: PlainProbe, every: int) -> None:
+        super().__init__(model, teacher)
+        self.probe, self.every, self.batches = probe, every, len(teacher.records)
+        self.calls: list[tuple[float, int, tuple[int, int]]] = []
+
+    def score(self, spec, candidates):
         t = time.perf_counter()
-        results = ev.evaluate_many([plan_from_counts(space, order, c) for c in many])
-        evals.append((time.perf_counter() - t, len(many)))
-        per_candidate.update((c, r.value) for c, r in zip(many, results, strict=True))
-        if (len(evals) - 1) % plain_every == 0:
-            plains.append(probe.plain_forward_seconds())
-        return [r.score for r in results]
+        out = super().score(spec, candidates)
+        self.calls.append((time.perf_counter() - t, len(candidates), spec.slice or (0, self.batches)))
+        if len(self.calls) % self.every == 1:
+            self.probe.run()
+        return out
 
-    stacked = ev.candidate_batch > 1
-    result = search_counts(space, score_many if stacked else score_each(lambda c: score_many([c])[0]), cfg)
-    wall = time.perf_counter() - t0 - sum(plains)
-    paired = [evals[i * plain_every][0] / evals[i * plain_every][1] / plains[i] for i in range(len(plains))]
-    per_eval = sum(s for s, _ in evals) / sum(n for _, n in evals)
-    return ev, result, per_candidate, wall, per_eval / statistics.mean(plains), paired
+
+def search_data(kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int):
+    """(SearchSet as the pipeline builds it, seconds spent generating on-policy answers)."""
+    if kind == "text":
+        return SearchSet.from_tokens(
+            token_split(tok, data_dir / "search.jsonl", samples, seq_len, seed), min_batches=DEFAULT_SLICES
+        ), 0.0
+    t0 = time.perf_counter()
+    data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=seed, stop="\n")
+    return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES), time.perf_counter() - t0
+
+
+def default_search(model, search, sparsity: float, order, cfg, device: str, candidate_batch: int) -> dict:
+    """The default search, timed from its teacher pass to its plan."""
+    probe = PlainProbe(model, search, device)
+    t0 = time.perf_counter()
+    teacher = run_teacher(model, search, cache="hidden")
+    t_teacher = time.perf_counter() - t0
+    ex = TimedExecutor(model, teacher, probe, every=5)
+    out = search_allocation(
+        model, order, teacher, sparsity=sparsity, config=cfg, progress=False, executor=ex,
+        candidate_batch=candidate_batch,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0 - probe.seconds
+    per_batch = probe.per_batch()
+    plain = sum(per_batch)
+    eval_s = sum(s for s, _, _ in ex.calls)
+    # the work the calls did, in plain forwards of the batches they covered (racing scores slices)
+    work = sum(n * sum(per_batch[a:b]) for _, n, (a, b) in ex.calls)
+    evaluations = out.result.evaluations
+    # the hidden cache's extra cost: p = softmax(lm_head(h)) on every scored row, per full candidate
+    ev = CandidateEvaluator(model, teacher)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for sl in teacher.cache.slices:
+            for i in range(0, sl.hidden.shape[0], ev.head_rows):
+                ev._teacher_rows(sl, i, i + ev.head_rows)
+    sync(device)
+    head_extra = time.perf_counter() - t
+    return {
+        "outcome": out,
+        "teacher": teacher,
+        "wall": wall,
+        "teacher_s": t_teacher,
+        "eval_s": eval_s,
+        "plain": plain,
+        "evaluations": evaluations,
+        "work_share": work / (evaluations * plain),  # racing: 1 - its saving, in plain forwards
+        "cost": eval_s / work,  # one candidate's cost on the positions it was scored on, in plain forwards
+        "head_extra": head_extra / plain,
+        "layers": out.reuse["layers_run_fraction"],
+        "hit_rate": out.reuse["hit_rate"],
+        "attention_reused": out.reuse["attention_reused"],
+        "tokens_saved": out.racing["saved"] if out.racing else 0.0,
+        "raced_out": out.racing["raced_out"] if out.racing else 0,
+        "load": load(),
+    }
+
+
+def reference_search(model, search, space, order, cfg, device: str, others: dict) -> dict:
+    """The straightforward reference, timed from its teacher pass to its plan. Every candidate's
+    logits are also scored against the `others` evaluators (other caches) outside the timed window."""
+    probe = PlainProbe(model, search, device)
+    t0 = time.perf_counter()
+    ev = CandidateEvaluator(model, search, cache="dense", reuse=False, full_forward=True, head_rows=None)
+    t_teacher = time.perf_counter() - t0
+    values: dict[tuple, dict[str, float]] = {}
+    eval_s, excluded = [], 0.0
+
+    def score(counts):
+        nonlocal excluded
+        t = time.perf_counter()
+        logits = ev.candidate_logits(plan_from_counts(space, order, counts))
+        r = ev.score_logits(logits)
+        eval_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        values[counts] = {"dense": r.value} | {
+            name: o.score_logits(logits).value for name, o in others.items()
+        }
+        if len(eval_s) % 16 == 1:
+            probe.run()
+        excluded += time.perf_counter() - t
+        return r.score
+
+    result = search_counts(space, score_each(score), cfg)
+    wall = time.perf_counter() - t0 - excluded
+    plain = probe.total()
+    return {
+        "result": result,
+        "evaluator": ev,
+        "values": values,
+        "wall": wall,
+        "teacher_s": t_teacher,
+        "eval_s": sum(eval_s),
+        "plain": plain,
+        "evaluations": result.evaluations,
+        "cost": sum(eval_s) / (len(eval_s) * plain),
+        "load": load(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None)
+    p.add_argument("--kinds", default="text,onpolicy", help="search data: text, onpolicy")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--criterion", default="frequency")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--generations", type=int, default=10)
-    p.add_argument("--search-samples", type=int, default=2, help="windows per domain")
+    p.add_argument("--search-samples", type=int, default=2, help="text windows per domain")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=64, help="the sparse cache of the cache table")
+    p.add_argument("--threads", type=int, default=1, help="2 threads on 2 busy cores ran 4-30x slower")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--candidate-batch", type=int, default=8, help="candidates stacked per forward")
-    p.add_argument(
-        "--cache-mib", type=int, default=512, help="hidden-state cache budget of moeprune's evaluator"
-    )
+    p.add_argument("--candidate-batch", type=int, default=1, help="default search: candidates per forward")
+    p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Console(width=190)
+    kinds, seeds = args.kinds.split(","), [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
 
     model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
     model.to(args.device)
-    calib = token_split(tok, data_dir / "calibration.jsonl", 4, args.seq_len, args.seed)
-    order = removal_order_for(model, calib, args.criterion, args.seed)
-    search = api.search_set(
-        token_split(tok, data_dir / "search.jsonl", args.search_samples, args.seq_len, args.seed)
-    )
+    text_cfg = model.config.get_text_config()
+    calib = token_split(tok, data_dir / "calibration.jsonl", 4, args.seq_len, 0)
+    order = removal_order_for(model, calib, args.criterion, 0)
     space = AllocationSpace.from_layers(moe_layers(model), sparsity=args.sparsity)
-    cfg = EvoConfig(population=args.population, generations=args.generations, seed=args.seed)
-    out.print(
-        f"model {model_dir} | search set {search.num_scored()} scored tokens | {args.criterion} order | "
-        f"sparsity {args.sparsity} | population {cfg.population} x {cfg.generations} generations | "
-        f"device {args.device}"
+    prompts = read_rows(data_dir / "search_prompts.jsonl") if "onpolicy" in kinds else None
+    print(
+        f"# {datetime.datetime.now().isoformat(timespec='minutes')} | model {model_dir} (V={text_cfg.vocab_size}, "
+        f"H={text_cfg.hidden_size}) | {args.criterion} order | sparsity {args.sparsity} | population "
+        f"{args.population} x {args.generations} generations | seeds {seeds} | device {args.device}, "
+        f"{args.threads} thread(s) of {os.cpu_count()} cores | load average (1/5 min) {load()}",
+        flush=True,
     )
+    report: dict = {"settings": vars(args), "kinds": {}}
+    for kind in kinds:
+        runs = []
+        for seed in seeds:
+            search, gen_s = search_data(
+                kind, seed, tok, model, data_dir, prompts, args.search_samples, args.seq_len
+            )
+            cfg = EvoConfig(population=args.population, generations=args.generations, seed=seed)
+            # the other caches, scored on the reference's logits (outside its timed window)
+            others = {
+                kind_: CandidateEvaluator(model, run_teacher(model, search, cache=kind_, top_k=args.top_k))
+                for kind_ in ("sparse", "hidden")
+            }
+            if seed % 2 == 0:  # alternate which goes first: a load drift favours neither
+                d = default_search(
+                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch
+                )
+                r = reference_search(model, search, space, order, cfg, args.device, others)
+            else:
+                r = reference_search(model, search, space, order, cfg, args.device, others)
+                d = default_search(
+                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch
+                )
+            exact = {c: v["dense"] for c, v in r["values"].items()}
+            for best in (d["outcome"].best, r["result"].best):
+                if best not in exact:
+                    exact[best] = r["evaluator"].evaluate(plan_from_counts(space, order, best)).value
+            run = {
+                "seed": seed,
+                "batches": [tuple(b.input_ids.shape) for b in search.batches],
+                "scored": search.num_scored(),
+                "positions": search.num_tokens(),
+                "gen_s": gen_s,
+                "default": d,
+                "reference": r,
+                "best_default": d["outcome"].best,
+                "best_reference": r["result"].best,
+                "esap_default": exact[d["outcome"].best],
+                "esap_reference": exact[r["result"].best],
+                "bytes": {"dense": r["evaluator"].teacher.nbytes()}
+                | {k: o.teacher.nbytes() for k, o in others.items()},
+            }
+            runs.append(run)
+            print(
+                f"{kind} seed {seed}: default {d['wall']:.1f}s ({d['evaluations']} candidates, load {d['load']}), "
+                f"reference {r['wall']:.1f}s ({r['evaluations']}, load {r['load']}): "
+                f"{r['wall'] / d['wall']:.2f}x; exact ESAP of the best plans {run['esap_default']:.5f} / "
+                f"{run['esap_reference']:.5f}",
+                flush=True,
+            )
+        print_kind(kind, runs, space, args, text_cfg)
+        report["kinds"][kind] = [json_run(run) for run in runs]
+    print(f"# total {time.perf_counter() - started:.0f}s; load average at the end {load()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
 
-    # the plain forward (unit of cost) is timed inside every search, next to its candidates
-    probe = CandidateEvaluator(model, search, cache="dense", reuse=False, full_forward=True)
-    runs = {
-        "moeprune (sparse cache)": dict(cache="sparse", top_k=args.top_k, cache_bytes=args.cache_mib * 2**20),
-        "moeprune (dense cache)": dict(cache="dense", cache_bytes=args.cache_mib * 2**20),
-        STACKED: dict(
-            cache="sparse",
-            top_k=args.top_k,
-            cache_bytes=args.cache_mib * 2**20,
-            candidate_batch=args.candidate_batch,
-        ),
-        "reference": dict(cache="dense", reuse=False, full_forward=True, head_rows=None),
+
+def print_kind(kind: str, runs: list[dict], space, args, text_cfg) -> None:
+    """The tables of one kind of search data."""
+    first = runs[0]
+    shapes = ", ".join("x".join(map(str, s)) for s in first["batches"])
+    print(f"\n## {kind}: {first['scored']} scored tokens of {first['positions']} positions, batches {shapes}")
+    if kind == "onpolicy":
+        print(
+            f"   generating the answers: {statistics.mean(r['gen_s'] for r in runs):.1f}s (common, not counted)"
+        )
+    print(f"{'seed':<6}{'default s':>10}{'reference s':>12}{'ratio':>8}{'cand. def/ref':>15}"
+          f"{'ESAP default':>14}{'ESAP reference':>16}{'same plan':>11}{'load d/r':>16}")  # fmt: skip
+    for r in runs:
+        d, ref = r["default"], r["reference"]
+        print(f"{r['seed']:<6}{d['wall']:>10.1f}{ref['wall']:>12.1f}{ref['wall'] / d['wall']:>7.2f}x"
+              f"{d['evaluations']:>9}/{ref['evaluations']:<5}{r['esap_default']:>14.5f}{r['esap_reference']:>16.5f}"
+              f"{'yes' if r['best_default'] == r['best_reference'] else 'no':>11}"
+              f"{d['load'] + ' ' + ref['load']:>16}")  # fmt: skip
+    wall_d = sum(r["default"]["wall"] for r in runs)
+    wall_r = sum(r["reference"]["wall"] for r in runs)
+    mean_d = statistics.mean(r["esap_default"] for r in runs)
+    mean_r = statistics.mean(r["esap_reference"] for r in runs)
+    ratios = [r["reference"]["wall"] / r["default"]["wall"] for r in runs]
+    print(f"{'all':<6}{wall_d:>10.1f}{wall_r:>12.1f}{wall_r / wall_d:>7.2f}x   (per seed {min(ratios):.2f}-"
+          f"{max(ratios):.2f}x; goal >= 3x: {'met' if wall_r / wall_d >= 3 else 'NOT met'})")  # fmt: skip
+    gap = mean_r - mean_d
+    print(f"mean exact ESAP of the best plans: default {mean_d:.5f}, reference {mean_r:.5f}, reference - default "
+          f"{gap:+.5f} (goal <= 0.002: {'met' if gap <= 0.002 else 'NOT met'})")  # fmt: skip
+
+    # where the time goes (means over the seeds)
+    def mean(side: str, key: str) -> float:
+        return statistics.mean(r[side][key] for r in runs)
+
+    d_eval, r_eval = mean("default", "eval_s"), mean("reference", "eval_s")
+    d_teacher, r_teacher = mean("default", "teacher_s"), mean("reference", "teacher_s")
+    d_wall, r_wall = mean("default", "wall"), mean("reference", "wall")
+    print("where the time goes (means over the seeds; plain forward = a stock forward of the same batches, "
+          "timed during each search)")  # fmt: skip
+    print(f"  plain forward of the search set: {mean('default', 'plain'):.3f}s (default's searches), "
+          f"{mean('reference', 'plain'):.3f}s (reference's)")  # fmt: skip
+    print(f"  teacher pass: default (hidden cache, layer calls recorded) {d_teacher:.2f}s, reference (dense) "
+          f"{r_teacher:.2f}s")  # fmt: skip
+    print(f"  scoring candidates: default {d_eval:.1f}s, reference {r_eval:.1f}s ({r_eval / d_eval:.2f}x); "
+          f"the rest (evolution, plans, bookkeeping): default {d_wall - d_teacher - d_eval:.1f}s, "
+          f"reference {r_wall - r_teacher - r_eval:.1f}s")  # fmt: skip
+    print(
+        f"  reference: one candidate = {mean('reference', 'cost'):.2f} plain forwards "
+        f"(a full forward, then log-softmax + ESAP on every scored row's {text_cfg.vocab_size} logits)"
+    )
+    work, cost = mean("default", "work_share"), mean("default", "cost")
+    print(f"  default: a candidate is scored on {work:.2f} of the search set on average (racing: "
+          f"{1 - work:.0%} of the work saved in plain forwards, {mean('default', 'tokens_saved'):.0%} of the "
+          f"token evaluations; {mean('default', 'raced_out'):.0f} candidates dropped per search)")  # fmt: skip
+    print(f"  default: scoring the positions it reaches costs {cost:.2f} plain forwards per full candidate "
+          f"(so {work * cost:.2f} per candidate); layers run {mean('default', 'layers'):.2f} of a full forward "
+          f"(prefix hit rate {mean('default', 'hit_rate'):.0%}, restarts with cached attention "
+          f"{mean('default', 'attention_reused'):.0f}); the hidden cache's head matmul + softmax to recompute "
+          f"the teacher costs {mean('default', 'head_extra'):.3f} plain forwards per full candidate")  # fmt: skip
+    bound = shared_prefix_share(space, first["best_default"])
+    print(f"  a mutant of the first seed's best plan can take {bound:.2f} of the MoE layers from its parent "
+          f"(the structural bound of exact prefix reuse, simulated)")  # fmt: skip
+    target = r_wall / 3
+    print(f"  3x would need the default search in {target:.1f}s: its teacher pass + rest take "
+          f"{d_wall - d_eval:.1f}s, leaving {target - (d_wall - d_eval):.1f}s for scoring, "
+          f"{(target - (d_wall - d_eval)) / (mean('default', 'evaluations') * mean('default', 'plain')):.2f} "
+          f"plain forwards per candidate (now {work * cost:.2f})")  # fmt: skip
+
+    # the teacher caches
+    big_dense = per_token_bytes("dense", QWEN3["V"], QWEN3["H"], args.top_k)
+    print(f"teacher caches ({first['scored']} scored tokens; |dESAP| over every candidate of the reference "
+          f"searches, {len(runs)} seeds, their logits scored against each cache)")  # fmt: skip
+    print(f"{'cache':<16}{'bytes':>12}{'% dense':>9}{'B/token':>9}{'B/token @V=151,936':>20}{'% dense there':>15}"
+          f"{'max |dESAP|':>13}{'Kendall tau':>13}")  # fmt: skip
+    for name in ("dense", "sparse", "hidden"):
+        nbytes = first["bytes"][name]
+        values = [v for r in runs for v in r["reference"]["values"].values()]
+        delta = max(abs(v[name] - v["dense"]) for v in values)
+        tau = kendalltau([v[name] for v in values], [v["dense"] for v in values])[0]
+        big = per_token_bytes(name, QWEN3["V"], QWEN3["H"], args.top_k)
+        label = {"dense": "dense", "sparse": f"sparse top-{args.top_k}", "hidden": "hidden (default)"}[name]
+        print(f"{label:<16}{nbytes:>12,}{100 * nbytes / first['bytes']['dense']:>8.2f}%"
+              f"{nbytes / first['scored']:>9,.0f}{big:>20,}{100 * big / big_dense:>14.2f}%{delta:>13.2e}"
+              f"{tau:>13.3f}")  # fmt: skip
+    bf16 = per_token_bytes("hidden", QWEN3["V"], QWEN3["H"], args.top_k, hidden_bytes=2)
+    print(f"(hidden at H = 2048: {bf16:,} B/token in bf16, {100 * bf16 / big_dense:.2f}% of dense; sparse at "
+          f"V = 151,936 stores int32 ids; nucleus: no such mode in fitness/teacher.py, caches are "
+          f"dense, sparse, hidden; over {sum(len(r['reference']['values']) for r in runs)} candidates)")  # fmt: skip
+
+
+def json_run(run: dict) -> dict:
+    keep = ("wall", "teacher_s", "eval_s", "plain", "evaluations", "cost", "load")
+    d, r = run["default"], run["reference"]
+    out = {k: v for k, v in run.items() if k not in ("default", "reference")}
+    out["default"] = {
+        k: d[k] for k in (*keep, "work_share", "head_extra", "layers", "hit_rate", "tokens_saved")
     }
-    res = {name: timed_search(model, search, space, order, cfg, probe, **kw) for name, kw in runs.items()}
-    t_plain = statistics.median([probe.plain_forward_seconds() for _ in range(3)])
-
-    (fast_ev, _, fast_vals, *_), (ref_ev, ref, ref_vals, ref_s, *_) = res[SPARSE], res[REF]
-    common = sorted(set(fast_vals) & set(ref_vals))
-    delta = max(abs(fast_vals[c] - ref_vals[c]) for c in common)
-    tau = kendalltau([fast_vals[c] for c in common], [ref_vals[c] for c in common])[0]
-    for name in runs:  # the exact (dense) ESAP of every search's best plan
-        best = res[name][1].best
-        if best not in ref_vals:
-            ref_vals[best] = ref_ev.evaluate(plan_from_counts(space, order, best)).value
-    ratio_bytes = fast_ev.teacher.nbytes() / ref_ev.teacher.nbytes()
-
-    t = Table(title="EvoESAP search: moeprune vs straightforward reference (same process, same seed)")
-    t.add_column("measure")
-    for name in runs:
-        t.add_column(name, justify="right")
-    t.add_column("ratio / goal", justify="right")
-
-    def row(measure: str, cell, goal: str = "") -> None:
-        t.add_row(measure, *(cell(name, *res[name]) for name in runs), goal)
-
-    def first(measure: str, value: str, goal: str = "") -> None:  # a value of the sparse run only
-        t.add_row(measure, value, *[""] * (len(runs) - 1), goal)
-
-    ours = (SPARSE, DENSE, STACKED)
-    first("plain forward of the search set (at the end)", f"{t_plain:.3f}s")
-    row("one candidate evaluation / plain forward (mean)", lambda n, ev, r, v, s, ratio, pairs: f"{ratio:.2f}",
-        "goal <= 0.8")  # fmt: skip
-    row("  median of paired (candidate, next plain forward)",
-        lambda n, ev, r, v, s, ratio, pairs: f"{statistics.median(pairs):.2f}")  # fmt: skip
-    row("decoder layers run / full forward", lambda n, ev, *_: f"{ev.stats.layer_fraction():.2f}",
-        f"hit rate {fast_ev.stats.hit_rate():.0%}")  # fmt: skip
-    sparse_best = res[SPARSE][1].best
-    bound = shared_prefix_share(space, sparse_best)
-    first(
-        "  layers a mutant can take from its parent (SPEC mutation, simulated)",
-        f"{bound:.2f}",
-        f"around {list(sparse_best)}",
-    )
-    row("  restarts that took the layer's attention output from the cache",
-        lambda n, ev, *_: f"{ev.stats.attention_reused}" if ev.reuse else "")  # fmt: skip
-    row("teacher cache bytes",
-        lambda n, ev, *_: f"{ev.teacher.nbytes() / 2**20:.2f} MiB ({ev.teacher.kind})",
-        f"{100 * ratio_bytes:.2f}% (goal <= 2%)")  # fmt: skip
-    first("largest |ESAP sparse - dense|", f"{delta:.2e}", f"over {len(common)} common candidates")
-    first("  Kendall tau, sparse vs dense ESAP", f"{tau:.3f}", "same candidates")
-    row("candidates evaluated", lambda n, ev, r, *_: str(r.evaluations))
-    row("whole search wall time", lambda n, ev, r, v, s, *_: f"{s:.1f}s",
-        " / ".join(f"{ref_s / res[n][3]:.2f}x" for n in ours) + " (goal >= 3x)")  # fmt: skip
-    row("best plan (removed per layer)", lambda n, ev, r, *_: str(list(r.best)),
-        " / ".join("same" if res[n][1].best == ref.best else "DIFFERENT" for n in ours))  # fmt: skip
-    row("best plan's exact (dense) ESAP", lambda n, ev, r, *_: f"{ref_vals[r.best]:.5f}")
-    out.print(t)
-
-
-SPARSE, DENSE, STACKED, REF = (
-    "moeprune (sparse cache)",
-    "moeprune (dense cache)",
-    "moeprune (sparse, stacked)",
-    "reference",
-)
+    out["default"]["racing"] = d["outcome"].racing
+    out["reference"] = {k: r[k] for k in keep}
+    out["reference"]["values"] = {",".join(map(str, c)): v for c, v in r["values"].items()}
+    return out
 
 
 if __name__ == "__main__":
