@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
-from moeprune.allocate import AllocationSpace, EvoConfig, mutate, plan_from_counts, search_counts
+from moeprune.allocate import (
+    AllocationSpace,
+    EvoConfig,
+    mutate,
+    plan_from_counts,
+    search_counts,
+    uniform_allocation,
+)
 from moeprune.arch import moe_layers
 from moeprune.data import continue_prompts, read_rows
 from moeprune.evolve import score_each
@@ -52,6 +59,7 @@ from moeprune.execute import LocalExecutor
 from moeprune.fitness import CandidateEvaluator, SearchSet, run_teacher
 from moeprune.pipelines.evoesap import search_allocation
 from moeprune.racing import DEFAULT_SLICES
+from moeprune.surgery import mask_experts
 from moeprune.testbed import load_testbed, removal_order_for, token_split
 
 QWEN3 = {"V": 151_936, "H": 2048}
@@ -233,6 +241,70 @@ def reference_search(model, search, space, order, cfg, device: str, others: dict
     }
 
 
+@torch.inference_mode()
+def pieces(model, search: SearchSet, plan, device: str, repeats: int = 3) -> dict[str, float]:
+    """One candidate (`plan`) scored on the whole search set without prefix reuse, piece by piece, in
+    plain forwards of the same batches (median of `repeats` interleaved rounds): the decoder layers
+    replayed from layer 0, the candidate's head on the scored rows, log-softmax + ESAP against a dense
+    teacher, the hidden cache's recomputation of the teacher; and whole evaluations with the hidden
+    cache, the dense cache and the reference."""
+    hidden = CandidateEvaluator(model, run_teacher(model, search, cache="hidden"), reuse=False)
+    dense = CandidateEvaluator(model, run_teacher(model, search, cache="dense"), reuse=False)
+    ref = CandidateEvaluator(model, search, cache="dense", reuse=False, full_forward=True, head_rows=None)
+    step, batches = hidden.head_rows, hidden.search.batches
+
+    def rows(states):  # the scored rows of each batch's last-layer output, in head chunks
+        for b, h in enumerate(states):
+            r = h.reshape(-1, h.shape[-1])[hidden.positions[b]]  # (n_b, H)
+            yield from ((b, i, r[i : i + step]) for i in range(0, r.shape[0], step))
+
+    def plain():
+        for b in batches:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+    def layers():
+        with mask_experts(model, plan):
+            return hidden._run_layers(plan, [])
+
+    states = layers()
+    with mask_experts(model, plan):
+        logits = [(b, i, hidden.replay.head(r)) for b, i, r in rows(states)]  # (c, V) chunks
+
+    def head():
+        for _, _, r in rows(states):
+            hidden.replay.head(r)
+
+    def score():
+        for b, i, chunk in logits:
+            logq = torch.log_softmax(chunk.float(), dim=-1)
+            teacher = dense.teacher.slices[b].rows(i, i + chunk.shape[0])
+            dense.fitness.fn(logq, teacher, dense.labels[b][i : i + chunk.shape[0]])
+
+    def teacher():
+        for b, i, chunk in logits:
+            hidden._teacher_rows(hidden.teacher.slices[b], i, i + chunk.shape[0])
+
+    parts = {
+        "plain": plain,
+        "layers": layers,
+        "head": head,
+        "score": score,
+        "teacher": teacher,
+        "eval_hidden": lambda: hidden.evaluate(plan),
+        "eval_dense": lambda: dense.evaluate(plan),
+        "eval_reference": lambda: ref.evaluate(plan),
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(repeats):
+        for name, f in parts.items():
+            t = time.perf_counter()
+            f()
+            sync(device)
+            seconds[name].append(time.perf_counter() - t)
+    unit = statistics.median(seconds["plain"])
+    return {k: statistics.median(v) / unit for k, v in seconds.items()} | {"plain_s": unit, "load": load()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -311,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
                 "bytes": {"dense": r["evaluator"].teacher.nbytes()}
                 | {k: o.teacher.nbytes() for k, o in others.items()},
             }
+            if not runs:  # where one candidate's time goes, on the first seed's batches
+                run["pieces"] = pieces(
+                    model, search, plan_from_counts(space, order, uniform_allocation(space)), args.device
+                )
             runs.append(run)
             print(
                 f"{kind} seed {seed}: default {d['wall']:.1f}s ({d['evaluations']} candidates, load {d['load']}), "
@@ -391,6 +467,23 @@ def print_kind(kind: str, runs: list[dict], space, args, text_cfg) -> None:
           f"{d_wall - d_eval:.1f}s, leaving {target - (d_wall - d_eval):.1f}s for scoring, "
           f"{(target - (d_wall - d_eval)) / (mean('default', 'evaluations') * mean('default', 'plain')):.2f} "
           f"plain forwards per candidate (now {work * cost:.2f})")  # fmt: skip
+    pc, frac = first["pieces"], mean("default", "layers")
+    print(f"  one candidate on the whole search set without reuse, piece by piece (first seed's batches, uniform "
+          f"plan, median of 3, load {pc['load']}), in plain forwards: decoder layers {pc['layers']:.2f}, its head "
+          f"on the scored rows {pc['head']:.2f}, log-softmax + ESAP {pc['score']:.2f}, the hidden cache's "
+          f"teacher recompute {pc['teacher']:.2f}; whole evaluations: hidden cache {pc['eval_hidden']:.2f}, "
+          f"dense cache {pc['eval_dense']:.2f}, reference {pc['eval_reference']:.2f}")  # fmt: skip
+    model_cost = frac * pc["layers"] + pc["head"] + pc["score"] + pc["teacher"]
+    print(f"  so a default candidate ~ {work:.2f} (racing) x ({frac:.2f} (layers run) x {pc['layers']:.2f} + "
+          f"{pc['head']:.2f} + {pc['score']:.2f} + {pc['teacher']:.2f}) = {work * model_cost:.2f} plain forwards "
+          f"(measured in the searches: {work * cost:.2f})")  # fmt: skip
+    need = (target - (d_wall - d_eval)) / (mean("default", "evaluations") * mean("default", "plain"))
+    no_recompute = frac * pc["layers"] + pc["head"] + pc["score"]
+    print(f"  to reach 3x ({need:.2f} per candidate): without the teacher recompute (p kept, as dense, where "
+          f"T x V fits) a candidate would cost {work * no_recompute:.2f}; then racing would have to leave "
+          f"{need / no_recompute:.2f} of the work (now {work:.2f}), or at today's racing the layers run would have "
+          f"to fall to {(need / work - pc['head'] - pc['score']) / pc['layers']:.2f} of a forward (now {frac:.2f}; "
+          f"exact reuse is bounded by the mutations, above)")  # fmt: skip
 
     # the teacher caches
     big_dense = per_token_bytes("dense", QWEN3["V"], QWEN3["H"], args.top_k)
@@ -416,7 +509,7 @@ def print_kind(kind: str, runs: list[dict], space, args, text_cfg) -> None:
 
 def json_run(run: dict) -> dict:
     keep = ("wall", "teacher_s", "eval_s", "plain", "evaluations", "cost", "load")
-    d, r = run["default"], run["reference"]
+    d, r = run["default"], run["reference"]  # pieces (first seed only) is plain JSON
     out = {k: v for k, v in run.items() if k not in ("default", "reference")}
     out["default"] = {
         k: d[k] for k in (*keep, "work_share", "head_extra", "layers", "hit_rate", "tokens_saved")
