@@ -90,6 +90,64 @@ def test_sparse_bound_contains_dense(mixtral):
         assert d.value < 1.0
 
 
+def test_nucleus_keeps_the_smallest_set_covering_p():
+    # sorted: 0.4 (token 2), 0.3 (0), 0.2 (3), 0.06 (1), 0.04 (4)
+    p = torch.tensor([[0.3, 0.06, 0.4, 0.2, 0.04], [0.96, 0.01, 0.01, 0.01, 0.01]])
+    t = teacher_slice(p.log(), "nucleus", 4, nucleus_p=0.75)
+    kept = [sorted(t.top_ids[i][t.top_probs[i] > 0].tolist()) for i in range(2)]
+    assert kept == [[0, 2, 3], [0]]  # 0.4 + 0.3 < 0.75 <= 0.4 + 0.3 + 0.2; 0.96 alone covers it
+    assert t.tail.tolist() == pytest.approx([0.1, 0.04], abs=1e-6)
+    assert t.nucleus and t.top_probs.shape == (2, 4)  # stored padded to K_max: sparse's bytes
+    # capped at K_max: p = 0.99 needs all 5 of the first row, K_max = 2 keeps the top 2
+    t = teacher_slice(p.log(), "nucleus", 2, nucleus_p=0.99)
+    assert (t.top_probs[0] > 0).sum() == 2 and t.tail[0].item() == pytest.approx(0.3, abs=1e-6)
+    # hand-made draft: the bounds treat every entry past the nucleus as the tail, and hold
+    q = torch.tensor([[0.1, 0.3, 0.2, 0.2, 0.2], [0.5, 0.2, 0.1, 0.1, 0.1]])
+    t = teacher_slice(p.log(), "nucleus", 5, nucleus_p=0.75)
+    value, lower, upper = esap(q.log(), t, torch.zeros(2, dtype=torch.long))
+    dense, _, _ = esap(q.log(), TeacherSlice(probs=p), torch.zeros(2, dtype=torch.long))
+    assert lower.tolist() == pytest.approx([0.1 + 0.2 + 0.2, 0.5], abs=1e-6)
+    assert upper.tolist() == pytest.approx([0.5 + min(0.1, 0.5), 0.5 + min(0.04, 0.5)], abs=1e-6)
+    assert value.tolist() == pytest.approx(((lower + upper) / 2).tolist(), abs=1e-7)
+    assert (lower <= dense + 1e-6).all() and (dense <= upper + 1e-6).all()
+    # KL on the nucleus + tail outcomes: a lower bound of the exact KL (log-sum inequality)
+    for name in ("kl_teacher_draft", "kl_draft_teacher"):
+        fn = FITNESS.get(name).fn
+        coarse, _, _ = fn(q.log(), t, torch.zeros(2, dtype=torch.long))
+        exact, _, _ = fn(q.log(), TeacherSlice(probs=p), torch.zeros(2, dtype=torch.long))
+        assert (coarse <= exact + 1e-6).all() and (coarse >= -1e-6).all()
+
+
+def test_nucleus_bound_contains_dense(mixtral):
+    s = search_set()
+    dense = CandidateEvaluator(mixtral, s, cache="dense")
+    nucleus = CandidateEvaluator(mixtral, s, cache="nucleus", top_k=32, nucleus_p=0.2)
+    sparse = CandidateEvaluator(mixtral, s, cache="sparse", top_k=32)
+    assert nucleus.teacher.kind == "nucleus" and nucleus.teacher.nucleus_p == 0.2
+    assert nucleus.teacher.nbytes() == sparse.teacher.nbytes()  # padded to K_max
+    assert any((sl.top_probs == 0).any() for sl in nucleus.teacher.slices)  # some nuclei are short
+    for seed in range(3):
+        plan = some_plan(mixtral, seed)
+        d, n, sp = dense.evaluate(plan), nucleus.evaluate(plan), sparse.evaluate(plan)
+        assert n.lower - 1e-6 <= d.value <= n.upper + 1e-6
+        assert n.lower <= n.value <= n.upper
+        assert n.value == pytest.approx((n.lower + n.upper) / 2, abs=1e-6)  # float32 per token
+        assert sp.value == sp.upper  # sparse keeps reporting its upper bound
+        assert d.value < 1.0
+
+
+def test_nucleus_with_p_one_and_every_token_equals_dense(mixtral):
+    s = search_set()
+    vocab = mixtral.config.vocab_size
+    dense = CandidateEvaluator(mixtral, s, cache="dense")
+    nucleus = CandidateEvaluator(mixtral, s, cache="nucleus", top_k=vocab + 5, nucleus_p=1.0)
+    for seed in range(2):
+        plan = some_plan(mixtral, seed)
+        d, n = dense.evaluate(plan), nucleus.evaluate(plan)
+        assert n.value == pytest.approx(d.value, abs=1e-6)
+        assert n.upper - n.lower < 1e-6
+
+
 @pytest.mark.parametrize(
     "family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "cohere2_moe", "jamba"]
 )

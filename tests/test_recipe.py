@@ -64,6 +64,14 @@ def test_yaml_round_trip(root):
         ({"allocation": "evoesap", "search": None}, "needs search data"),
         ({"eep": {"iterations": 2}}, "an eep section needs allocation: eep"),
         ({"search": {"data": {"data": "x"}, "population": 0}}, "search.population: Input should be greater"),
+        (
+            {"search": {"data": {"data": "x"}, "cache": "nucleus", "nucleus_p": 0}},
+            "search.nucleus_p: must be in (0, 1]",
+        ),
+        (
+            {"search": {"data": {"data": "x"}, "nucleus_p": 1.5}},
+            "nucleus cache keeps), got 1.5",
+        ),
     ],
 )
 def test_bad_recipes_fail_in_one_line(root, changes, needle):

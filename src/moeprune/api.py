@@ -239,30 +239,41 @@ def search_set(data, batch_size: int | None = None):
     return SearchSet.from_tokens(data, batch_size)
 
 
-def _teacher(model, search_data, cache: str, top_k: int, teacher):
+def _teacher(model, search_data, cache: str, top_k: int, teacher, nucleus_p: float = 0.95):
     from .fitness import run_teacher
 
     return (
         teacher
         if teacher is not None
-        else run_teacher(model, search_set(search_data), cache=cache, top_k=top_k)
+        else run_teacher(model, search_set(search_data), cache=cache, top_k=top_k, nucleus_p=nucleus_p)
     )
 
 
-def eep_prune(model, search_data, *, cache="hidden", top_k=64, teacher=None, **options):
+def eep_prune(model, search_data, *, cache="hidden", top_k=64, teacher=None, nucleus_p=0.95, **options):
     """EEP's prune phase on a model in memory (left unchanged), scored on `search_data` or against a
     given `teacher` (`fitness.TeacherRun`); `options`: see `pipelines.eep.select_experts`."""
     from .pipelines.eep import select_experts
 
-    return select_experts(model, _teacher(model, search_data, cache, top_k, teacher), **options)
+    return select_experts(model, _teacher(model, search_data, cache, top_k, teacher, nucleus_p), **options)
 
 
-def eep_merge(model, search_data, anchors: ExpertPlan, *, cache="hidden", top_k=64, teacher=None, **options):
+def eep_merge(
+    model,
+    search_data,
+    anchors: ExpertPlan,
+    *,
+    cache="hidden",
+    top_k=64,
+    teacher=None,
+    nucleus_p=0.95,
+    **options,
+):
     """EEP's merge phase with `anchors` fixed (model unchanged); `options`: see
     `pipelines.eep.merge_into_anchors`. ``merge.merging.merge_experts_(model, result.best)`` applies it."""
     from .pipelines.eep import merge_into_anchors
 
-    return merge_into_anchors(model, _teacher(model, search_data, cache, top_k, teacher), anchors, **options)
+    run = _teacher(model, search_data, cache, top_k, teacher, nucleus_p)
+    return merge_into_anchors(model, run, anchors, **options)
 
 
 def stream_prune(source, plan, out_dir, *, merges=None, max_shard_size=None, overwrite=False, progress=False, **extra):  # fmt: skip

@@ -110,7 +110,9 @@ class SearchSpec(_Strict):
     data: SearchDataSpec
     fitness: str = "esap"
     cache: str = "hidden"  # teacher cache: hidden (exact, T x H) | sparse (top-K + tail bound) | dense
+    # | nucleus (per token the smallest top set of mass nucleus_p, at most top_k, + tail bound)
     top_k: int = Field(64, ge=1)
+    nucleus_p: float = 0.95  # the nucleus cache's mass, 0 < p <= 1
     population: int = Field(32, ge=1)
     generations: int = Field(50, ge=1)
     candidate_batch: int = Field(1, ge=1)
@@ -133,6 +135,13 @@ class SearchSpec(_Strict):
     def _racing_z(cls, v: float) -> float:
         if not v > 0:
             raise ValueError(f"must be > 0 (inf: never drop a candidate), got {v}")
+        return v
+
+    @field_validator("nucleus_p")
+    @classmethod
+    def _nucleus_p(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1] (the teacher mass the nucleus cache keeps), got {v}")
         return v
 
     @field_validator("racing_slices")

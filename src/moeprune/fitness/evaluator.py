@@ -198,14 +198,18 @@ def run_teacher(
     cache: CacheKind = "sparse",
     top_k: int = 64,
     keep_calls: bool = True,
+    nucleus_p: float = 0.95,
 ) -> TeacherRun:
     """Run the unpruned `model` once over `search`: the teacher cache plus the records layer replay
     needs. ``keep_calls=False`` drops the per-layer call arguments (full-forward evaluation only).
+    `top_k`: K of the sparse cache, K_max of the nucleus cache; `nucleus_p`: the nucleus's mass.
 
     Replaying the layers must reproduce the model's own logits; otherwise candidates are evaluated
     with a full forward each (correct, without reuse), and the reason is recorded (and warned)."""
     if cache not in CACHE_KINDS:
         raise ValueError(f"teacher cache must be one of {CACHE_KINDS}, got {cache!r}")
+    if not 0.0 < nucleus_p <= 1.0:
+        raise ValueError(f"nucleus_p must be in (0, 1], got {nucleus_p}")
     device = input_device(model)
     search = search.to(device)
     fallback: str | None = None
@@ -232,7 +236,9 @@ def run_teacher(
             fallback = _replay_problem(replay, record)
         logits = record.logits.reshape(-1, record.logits.shape[-1])[pos]  # (n_b, V)
         normed = None if record.normed is None else record.normed.reshape(-1, record.normed.shape[-1])[pos]
-        slices.append(teacher_slice(logits, cache, top_k, hidden=normed))  # normed: (n_b, H)
+        slices.append(
+            teacher_slice(logits, cache, top_k, hidden=normed, nucleus_p=nucleus_p)
+        )  # normed: (n_b, H)
         record.logits = record.normed = None
         if not keep_calls:
             record.calls = []
@@ -244,7 +250,9 @@ def run_teacher(
         )
     return TeacherRun(
         search=search,
-        cache=TeacherCache(kind=cache, top_k=top_k, slices=slices),
+        cache=TeacherCache(
+            kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p if cache == "nucleus" else None
+        ),
         records=records,
         positions=positions,
         labels=labels,
@@ -292,6 +300,7 @@ class CandidateEvaluator:
         head_rows: int | None | str = "auto",
         candidate_batch: int = 1,
         keep_tokens: bool = False,
+        nucleus_p: float = 0.95,
     ) -> None:
         if candidate_batch < 1:
             raise ValueError(f"candidate_batch must be >= 1, got {candidate_batch}")
@@ -300,7 +309,9 @@ class CandidateEvaluator:
         run = (
             search
             if isinstance(search, TeacherRun)
-            else run_teacher(model, search, cache=cache, top_k=top_k, keep_calls=not full_forward)
+            else run_teacher(
+                model, search, cache=cache, top_k=top_k, keep_calls=not full_forward, nucleus_p=nucleus_p
+            )
         )
         self.teacher_run = run
         self.search = run.search

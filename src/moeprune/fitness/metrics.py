@@ -55,23 +55,28 @@ def _register(name: str, higher_is_better: bool, needs_teacher: bool = True):
 def _sparse_parts(
     logq: torch.Tensor, t: TeacherSlice
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draft on the K+1 outcomes: logq_K (n, K), q_K (n, K), q_tail (n,), log q_tail (n,)."""
+    """Draft on the K+1 outcomes: logq_K (n, K), q_K (n, K), q_tail (n,), log q_tail (n,). On a
+    nucleus slice the entries past a token's nucleus (teacher probability 0) belong to the tail: their
+    q_K is 0 and their mass is in q_tail, as the teacher's is in its tail."""
     logq_k = logq.gather(-1, t.top_ids.long())  # (n, K)
     q_k = logq_k.exp()
+    if t.nucleus:
+        q_k = torch.where(t.top_probs > 0, q_k, 0.0)
     q_tail = (1.0 - q_k.sum(-1)).clamp_min(0.0)  # (n,)
     return logq_k, q_k, q_tail, q_tail.clamp_min(_EPS).log()
 
 
 @_register("esap", higher_is_better=True)
 def esap(logq: torch.Tensor, t: TeacherSlice, labels: torch.Tensor) -> Terms:
-    """ESAP_t = sum_v min(p_v, q_v) = 1 - TV(p_t, q_t); sparse: [lower, upper] as in `teacher`."""
+    """ESAP_t = sum_v min(p_v, q_v) = 1 - TV(p_t, q_t); sparse: [lower, upper] as in `teacher`, the
+    value is upper; nucleus: the same bounds, the value is their midpoint."""
     if t.dense:
         value = torch.minimum(t.probs, logq.exp()).sum(-1)  # (n,)
         return value, None, None
     _, q_k, q_tail, _ = _sparse_parts(logq, t)
     lower = torch.minimum(t.top_probs, q_k).sum(-1)  # (n,)
     upper = lower + torch.minimum(t.tail, q_tail)
-    return upper, lower, upper
+    return ((lower + upper) / 2 if t.nucleus else upper), lower, upper
 
 
 @_register("kl_teacher_draft", higher_is_better=False)

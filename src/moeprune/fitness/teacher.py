@@ -10,6 +10,14 @@ mass p_tail = 1 - sum_{v in K} p_v. Comparing a draft q against it treats the ta
 The sparse ESAP value is ``upper`` (the K+1-outcome ESAP, exact when the two tails are proportional);
 ``lower`` is reported with it.
 
+Nucleus keeps, per scored token, the smallest set of the teacher's most probable tokens whose mass
+reaches ``nucleus_p`` (default 0.95), at most K_max = ``top_k`` of them, and the tail mass
+1 - (kept mass). It is stored as a top-K_max sparse slice whose entries beyond each token's nucleus
+have probability 0 (their ids kept) and whose tail holds everything not kept; the draft's mass on
+those entries goes to its tail too (`metrics`), so the outcomes are the nucleus + one tail and the
+sparse bounds above hold unchanged (same bytes as sparse at the same K_max: stored padded). Its ESAP value is the
+midpoint (lower + upper) / 2 of the bound, with ``lower`` and ``upper`` reported beside it.
+
 Hidden keeps, per scored token, the teacher's final hidden state after the final norm, h_t (T x H
 instead of T x V: 1.3% of dense at H = 2048, V = 151,936 in float32), and recomputes
 p_t = softmax(lm_head(h_t)) on the scored rows while a candidate is scored: exact (the same
@@ -23,8 +31,8 @@ from typing import Literal
 
 import torch
 
-CacheKind = Literal["dense", "sparse", "hidden"]
-CACHE_KINDS: tuple[str, ...] = ("sparse", "dense", "hidden")  # what `--cache` accepts
+CacheKind = Literal["dense", "sparse", "hidden", "nucleus"]
+CACHE_KINDS: tuple[str, ...] = ("sparse", "dense", "hidden", "nucleus")  # what `--cache` accepts
 
 
 @dataclass
@@ -36,6 +44,7 @@ class TeacherSlice:
     top_ids: torch.Tensor | None = None  # sparse: (n, K) int16/int32
     tail: torch.Tensor | None = None  # sparse: (n,) float32
     hidden: torch.Tensor | None = None  # hidden: (n, H) after the final norm, the model's dtype
+    nucleus: bool = False  # a nucleus slice (sparse layout, zeros past each nucleus): ESAP = midpoint
 
     @property
     def dense(self) -> bool:
@@ -55,15 +64,33 @@ class TeacherSlice:
             return None if t is None else t[start:stop]
 
         return TeacherSlice(
-            cut(self.probs), cut(self.top_probs), cut(self.top_ids), cut(self.tail), cut(self.hidden)
+            cut(self.probs),
+            cut(self.top_probs),
+            cut(self.top_ids),
+            cut(self.tail),
+            cut(self.hidden),
+            self.nucleus,
         )
 
 
+def nucleus_mask(top_probs: torch.Tensor, p: float) -> torch.Tensor:
+    """(n, K) descending probabilities -> (n, K) bool: the smallest prefix whose mass reaches `p`
+    (all K when even they do not; all K for p >= 1, whatever the float sums)."""
+    if p >= 1.0:
+        return torch.ones_like(top_probs, dtype=torch.bool)
+    before = top_probs.cumsum(-1) - top_probs  # (n, K) mass of the entries ranked above each
+    return before < p  # an entry is kept while the mass before it is still short of p
+
+
 def teacher_slice(
-    logits: torch.Tensor, kind: CacheKind, top_k: int, hidden: torch.Tensor | None = None
+    logits: torch.Tensor,
+    kind: CacheKind,
+    top_k: int,
+    hidden: torch.Tensor | None = None,
+    nucleus_p: float = 0.95,
 ) -> TeacherSlice:
     """logits (n, V) of the scored tokens (and, for the hidden cache, their normed final hidden
-    states (n, H)) -> what the cache keeps of them."""
+    states (n, H)) -> what the cache keeps of them. `nucleus_p`: the nucleus cache's mass."""
     if kind == "hidden":
         if hidden is None:
             raise ValueError("the hidden teacher cache needs the final hidden states")
@@ -74,8 +101,15 @@ def teacher_slice(
     k = min(top_k, probs.shape[-1])
     top_probs, top_ids = torch.topk(probs, k, dim=-1)  # (n, K)
     id_dtype = torch.int16 if probs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+    if kind == "nucleus":
+        top_probs = torch.where(nucleus_mask(top_probs, nucleus_p), top_probs, 0.0)
     tail = (1.0 - top_probs.sum(-1)).clamp_min(0.0)  # (n,)
-    return TeacherSlice(top_probs=top_probs.contiguous(), top_ids=top_ids.to(id_dtype), tail=tail)
+    return TeacherSlice(
+        top_probs=top_probs.contiguous(),
+        top_ids=top_ids.to(id_dtype),
+        tail=tail,
+        nucleus=kind == "nucleus",
+    )
 
 
 @dataclass
@@ -85,6 +119,7 @@ class TeacherCache:
     kind: CacheKind
     top_k: int
     slices: list[TeacherSlice]
+    nucleus_p: float | None = None  # the nucleus cache's mass (None for the other kinds)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.slices)

@@ -250,7 +250,7 @@ class RunContext:
         if self.search_tokens is None:  # on-policy: the model writes what it is scored on
             self.search_tokens = self._continue_prompts()
         search = SearchSet.from_tokens(self.search_tokens, min_batches=s.racing_slices)  # racing on or off
-        return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k)
+        return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k, nucleus_p=s.nucleus_p)
 
     def _search_rows(self, d):
         """The search data's rows, read once (before any weight loads); None for a weighted mixture
@@ -331,7 +331,8 @@ class RunContext:
             "statistics": statistics,
             "fitness": search.fitness,
             "cache": search.cache,
-            "top_k": search.top_k if search.cache == "sparse" else None,
+            "top_k": search.top_k if search.cache in ("sparse", "nucleus") else None,
+            "nucleus_p": search.nucleus_p if search.cache == "nucleus" else None,
             "search_data": self._search_fingerprint(),
             "min_remove": {str(k): v for k, v in sorted((search.min_remove or {}).items())} or None,
             "max_remove": {str(k): v for k, v in sorted((search.max_remove or {}).items())} or None,
@@ -408,7 +409,7 @@ IDENTITY_NAMES = {
     "allocation": "the allocation", "model": "the model (its config or weight files)", "dtype": "--dtype",
     "seed": "--seed", "sparsity": "--sparsity", "criterion": "--criterion",
     "statistics": "the criterion's statistics (--data/--num-samples/--seq-len or --stats)",
-    "fitness": "--fitness", "cache": "--cache", "top_k": "--top-k",
+    "fitness": "--fitness", "cache": "--cache", "top_k": "--top-k", "nucleus_p": "search.nucleus_p",
     "search_data": "the search data (--search-data/--search-samples/--search-seq-len)",
     "min_remove": "search.min_remove", "max_remove": "search.max_remove",
     "racing": "racing (--racing/--racing-z/search.racing_slices)",

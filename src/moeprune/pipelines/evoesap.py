@@ -169,6 +169,7 @@ def search_allocation(
         teacher={
             "kind": teacher.kind,
             "top_k": teacher.top_k,
+            **({"nucleus_p": teacher.cache.nucleus_p} if teacher.kind == "nucleus" else {}),
             "bytes": teacher.cache.nbytes(),
             "seconds": round(teacher.seconds, 3),
             "scored_tokens": teacher.search.num_scored(),
