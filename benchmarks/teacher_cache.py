@@ -2,7 +2,8 @@
 
 For the same search set and the same candidates (the EvoESAP initial population and mutants of the
 uniform plan), ESAP is computed against a dense cache (exact, T x V float32), the top-K sparse cache
-(its reported upper bound), and the hidden-state cache (T x H, p recomputed with the LM head):
+(its reported upper bound), the nucleus cache (mass 0.95 capped at K; the midpoint of its bound)
+and the hidden-state cache (T x H, p recomputed with the LM head):
 largest |ESAP - dense| over the candidates, bytes on the testbed and per scored token at
 Qwen3's V = 151,936, H = 2048, and seconds per candidate (same process, interleaved).
 
@@ -29,7 +30,8 @@ QWEN3 = {"V": 151_936, "H": 2048, "K": 64}
 def per_token_bytes(kind: str, vocab: int, hidden: int, k: int, hidden_bytes: int = 4) -> int:
     """Bytes one scored token costs in each cache (sparse: K float32 probs + K ids + the tail)."""
     ids = 2 if vocab <= 32767 else 4
-    return {"dense": 4 * vocab, "sparse": k * (4 + ids) + 4, "hidden": hidden_bytes * hidden}[kind]
+    sparse = k * (4 + ids) + 4  # nucleus: stored padded to K like the sparse cache
+    return {"dense": 4 * vocab, "sparse": sparse, "nucleus": sparse, "hidden": hidden_bytes * hidden}[kind]
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
             dict.fromkeys([*counts, mutate(space, counts[int(rng.integers(len(counts)))], EvoConfig(), rng)])
         )
     plans = [plan_from_counts(space, order, c) for c in counts[: args.candidates]]
-    kinds = ("dense", "sparse", "hidden")
+    kinds = ("dense", "sparse", "nucleus", "hidden")
     evs = {k: CandidateEvaluator(model, search, cache=k, top_k=args.top_k, reuse=False) for k in kinds}
     values = {k: [] for k in kinds}
     seconds = {k: 0.0 for k in kinds}
