@@ -83,14 +83,15 @@ def nucleus_mask(top_probs: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def teacher_slice(
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     kind: CacheKind,
     top_k: int,
     hidden: torch.Tensor | None = None,
     nucleus_p: float = 0.95,
 ) -> TeacherSlice:
-    """logits (n, V) of the scored tokens (and, for the hidden cache, their normed final hidden
-    states (n, H)) -> what the cache keeps of them. `nucleus_p`: the nucleus cache's mass."""
+    """logits (n, V) of the scored tokens (for the hidden cache: their normed final hidden states
+    (n, H) instead; the logits are not read and may be None) -> what the cache keeps of them.
+    `nucleus_p`: the nucleus cache's mass."""
     if kind == "hidden":
         if hidden is None:
             raise ValueError("the hidden teacher cache needs the final hidden states")

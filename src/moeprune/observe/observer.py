@@ -234,6 +234,10 @@ def observe(
     ``dense_tokens`` > 0 also records, on that many seeded random tokens, every expert's output error
     (for MoP). Runs on the model's device; statistics live on the CPU in float64.
     """
+    if getattr(model, "runs_layer_by_layer", False):  # an `execute.LayerwiseModel`
+        return model.observe(
+            data, batch_size=batch_size, dense_tokens=dense_tokens, seed=seed, model_name=model_name
+        )
     device = input_device(model)
     dense_mask = dense_subsample(data, dense_tokens, seed)  # (B, L)
     names = data.domain_names
@@ -254,13 +258,19 @@ def observe(
             layers = obs.result()
     finally:
         model.train(was_training)
-    meta = {
+    return ExpertStats(layers=layers, meta=observation_meta(model, data, dense_mask, model_name))
+
+
+def observation_meta(
+    model: nn.Module, data: TokenSet, dense_mask: torch.Tensor, model_name: str | None
+) -> dict:
+    """What `ExpertStats.meta` records about an observation pass (the same in every execution mode)."""
+    return {
         "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "model_type": model.config.get_text_config().model_type,
         "data_fingerprint": data.fingerprint,
         "num_samples": len(data),
         "num_tokens": data.num_tokens,
-        "domain_names": names,
+        "domain_names": data.domain_names,
         "dense_tokens": int(dense_mask.sum()),
     }
-    return ExpertStats(layers=layers, meta=meta)

@@ -1,0 +1,93 @@
+"""Checkpoint tensors read into memory that goes back to the operating system when freed.
+
+`read_stored` reads one safetensors tensor with ``preadv`` into a fresh anonymous buffer: no file
+pages are mapped into the process (reading through ``safe_open`` maps the file, and the mapped
+pages it touched count in the process's RSS until the handle goes). `return_freed_memory` keeps
+glibc from holding freed layers in its heap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from ..errors import MoepruneError
+from ..surgery.streaming import Stored
+
+TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_stored(t: Stored, fd: int | None = None) -> torch.Tensor:
+    """One checkpoint tensor, read into fresh (anonymous) memory with ``preadv``."""
+    dtype = TORCH_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise MoepruneError(f"tensor dtype {t.dtype} in {t.file.name} is not supported layer by layer")
+    buf = torch.empty(t.nbytes, dtype=torch.uint8)
+    own = fd is None
+    fd = os.open(t.file, os.O_RDONLY) if own else fd
+    try:
+        view, done = memoryview(buf.numpy()), 0
+        while done < t.nbytes:
+            n = os.preadv(fd, [view[done:]], t.start + done)
+            if n == 0:
+                raise MoepruneError(f"unexpected end of {t.file} while reading a tensor")
+            done += n
+    finally:
+        if own:
+            os.close(fd)
+    return buf.view(dtype).reshape(t.shape)
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config, stored: dict[str, Stored] | None = None
+) -> torch.dtype:
+    """`dtype`; for ``auto`` the config's, else (as ``from_pretrained`` does) the checkpoint's first
+    floating-point tensor's, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        found = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
+        if isinstance(found, str):
+            found = getattr(torch, found, None)
+        if isinstance(found, torch.dtype):
+            return found
+        for t in (stored or {}).values():
+            kind = TORCH_DTYPES.get(t.dtype)
+            if kind is not None and kind.is_floating_point and kind.itemsize >= 2:
+                return kind
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+_MALLOC_FIXED = False
+
+
+def return_freed_memory() -> None:
+    """On glibc, allocations of 1 MiB and more mmapped, always: glibc otherwise raises its mmap
+    threshold after the first large free (up to 32 MiB), and each layer's tensors then land in a heap
+    that fragments and grows by ~half a layer per layer instead of going back to the OS."""
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+    _MALLOC_FIXED = True
