@@ -4,16 +4,28 @@ interface the searches call; `LocalExecutor` scores in this process, on the run'
 A search sends candidates and a `ScoreSpec` ("how to score them"), never a closure over the
 driver's model: the same `Scorer` code runs in this process (local) or inside every Ray actor on
 the actor's own copy of the model, so a candidate's score does not depend on where it ran.
+
+How the `Scorer` builds an evaluator for a spec is the run's execution mode's business: in memory
+`memory_evaluator` (a `CandidateEvaluator` with its prefix cache), layer by layer
+`lockstep.layerwise_evaluator` (a generation's candidates in one stream of the checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 from ..fitness import CandidateEvaluator, FitnessResult, ReuseStats, TeacherRun
 
-__all__ = ["Executor", "LocalExecutor", "ScoreSpec", "Scorer", "merge_stats"]
+__all__ = [
+    "EvaluatorFactory",
+    "Executor",
+    "LocalExecutor",
+    "ScoreSpec",
+    "Scorer",
+    "memory_evaluator",
+    "merge_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -34,24 +46,38 @@ class ScoreSpec:
     slice: tuple[int, int] | None = None
 
 
-class Scorer:
-    """Scores candidates on one model copy against one teacher run (in this process or in an actor)."""
+def memory_evaluator(model, teacher: TeacherRun, spec: ScoreSpec) -> CandidateEvaluator:
+    """The evaluator of `spec` on a model in memory (`teacher`: the spec's slice of the run; a
+    slice's results keep their per-token values)."""
+    return CandidateEvaluator(
+        model, teacher, fitness=spec.fitness, reuse=spec.reuse, cache_bytes=spec.cache_bytes,
+        candidate_batch=spec.candidate_batch, keep_tokens=spec.slice is not None,
+    )  # fmt: skip
 
-    def __init__(self, model, teacher: TeacherRun) -> None:
-        self.model, self.teacher = model, teacher
+
+# (model, teacher run, spec) -> the evaluator that scores the spec's candidates on that model
+EvaluatorFactory = Callable[[object, TeacherRun, ScoreSpec], CandidateEvaluator]
+
+
+class Scorer:
+    """Scores candidates on one model copy against one teacher run (in this process or in an actor);
+    `make_evaluator` builds one evaluator per spec (`memory_evaluator`, or the layer-by-layer one)."""
+
+    def __init__(
+        self, model, teacher: TeacherRun, make_evaluator: EvaluatorFactory = memory_evaluator
+    ) -> None:
+        self.model, self.teacher, self.make_evaluator = model, teacher, make_evaluator
         self.evaluators: dict[ScoreSpec, CandidateEvaluator] = {}
 
     def evaluator(self, spec: ScoreSpec) -> CandidateEvaluator:
         """The spec's evaluator; a slice's runs on its batches, with their share of the cache bytes."""
         if spec not in self.evaluators:
-            teacher, cache_bytes = self.teacher, spec.cache_bytes
+            teacher, sized = self.teacher, spec
             if spec.slice is not None:
                 teacher = self.teacher.subset(*spec.slice)
-                cache_bytes = cache_bytes * len(teacher.records) // len(self.teacher.records)
-            self.evaluators[spec] = CandidateEvaluator(
-                self.model, teacher, fitness=spec.fitness, reuse=spec.reuse, cache_bytes=cache_bytes,
-                candidate_batch=spec.candidate_batch, keep_tokens=spec.slice is not None,
-            )  # fmt: skip
+                share = spec.cache_bytes * len(teacher.records) // len(self.teacher.records)
+                sized = replace(spec, cache_bytes=share)
+            self.evaluators[spec] = self.make_evaluator(self.model, teacher, sized)
         return self.evaluators[spec]
 
     def score(self, spec: ScoreSpec, candidates: Sequence) -> list[FitnessResult]:
@@ -121,12 +147,15 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """Every candidate in this process, one after another, on the run's model (the default)."""
+    """Every candidate in this process, on the run's model (the default): one after another in memory,
+    a whole call in one stream layer by layer."""
 
     kind = "local"
 
-    def __init__(self, model, teacher: TeacherRun) -> None:
-        self.scorer = Scorer(model, teacher)
+    def __init__(
+        self, model, teacher: TeacherRun, make_evaluator: EvaluatorFactory = memory_evaluator
+    ) -> None:
+        self.scorer = Scorer(model, teacher, make_evaluator)
 
     def score(self, spec: ScoreSpec, candidates: Sequence) -> list[FitnessResult]:
         return self.scorer.score(spec, candidates)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import MoepruneError
 from ..fitness import FitnessResult, TeacherRun
-from .base import Executor, Scorer, ScoreSpec, merge_stats
+from .base import Executor, Scorer, ScoreSpec, memory_evaluator, merge_stats
 from .schedule import AffinityScheduler, prefix_keys
 
 __all__ = ["RayExecutor", "connect", "portable", "worker_count"]
@@ -121,12 +121,17 @@ class ScoringWorker:
     fetched from the object store once per process: a restarted actor gets it with the task Ray
     retries on it, and the constructor holds no object-store argument that a restart would need."""
 
-    def __init__(self, source: str, device: str, dtype: str, threads: int) -> None:
+    def __init__(self, source: str, device: str, dtype: str, threads: int, layers: bool = False) -> None:
         from ..recipe import placement
         from ..surgery import load
+        from .layerwise import LayerwiseModel
 
         torch.set_num_threads(threads)
-        self.model = load(source, **placement(device, dtype))
+        self.layers = layers
+        if layers:  # one decoder layer at a time from the checkpoint, as on the driver
+            self.model = LayerwiseModel(source, device=device, dtype=dtype)
+        else:
+            self.model = load(source, **placement(device, dtype))
         self.scorer: Scorer | None = None
 
     def _attach(self, teacher: list, replay: bool) -> Scorer:
@@ -134,13 +139,18 @@ class ScoringWorker:
             import ray
 
             from ..fitness import LayerReplay
+            from .lockstep import layerwise_evaluator
 
             # copied into this process's memory: computing on tensors that stay in the object store's
             # shared memory took 20-40% more CPU per candidate (measured on the testbed)
-            run = _tensors_to(ray.get(teacher[0]), next(self.model.parameters()).device, copy=True)
+            device = self.model.device if self.layers else next(self.model.parameters()).device
+            run = _tensors_to(ray.get(teacher[0]), device, copy=True)
             if replay:
-                run = dataclasses.replace(run, replay=LayerReplay(self.model))
-            self.scorer = Scorer(self.model, run)
+                run = dataclasses.replace(
+                    run, replay=self.model.replay if self.layers else LayerReplay(self.model)
+                )
+            factory = layerwise_evaluator if self.layers else memory_evaluator
+            self.scorer = Scorer(self.model, run, factory)
         return self.scorer
 
     def ready(self, teacher: list, replay: bool) -> int:
@@ -164,7 +174,8 @@ class RayExecutor(Executor):
     """Candidates scored by `workers` Ray actors (module docstring).
 
     `source`/`device`/`dtype`: how each actor loads the model (the run's checkpoint and placement;
-    a CUDA run gives every actor one GPU, of its own). `teacher`: the driver's teacher run, put in
+    a CUDA run gives every actor one GPU, of its own); with `layers` each actor runs it layer by
+    layer from the checkpoint and scores its share of a call's candidates in one stream. `teacher`: the driver's teacher run, put in
     the object store once. `moe_indices`: the MoE decoder layers (prefix keys for the scheduler).
     `workers` None: one per GPU of the cluster on a CUDA run, else one per `threads` CPUs.
     `queue`: candidates sent ahead to each worker (hides the round trip to the driver).
@@ -186,6 +197,7 @@ class RayExecutor(Executor):
         dtype: str = "auto",
         workers: int | None = None,
         address: str | None = None,
+        layers: bool = False,
         threads: int = 1,
         queue: int = 2,
         max_restarts: int = 3,
@@ -215,7 +227,8 @@ class RayExecutor(Executor):
         )
         where = "cuda" if gpu else device  # an actor sees only its own GPU
         self._run = ([self._teacher], teacher.replay is not None)  # what every task carries
-        self.actors = [actor.remote(str(source), where, dtype, threads) for _ in range(self.workers)]
+        self.layers = layers
+        self.actors = [actor.remote(str(source), where, dtype, threads, layers) for _ in range(self.workers)]
         try:
             self.pids: list[int] = ray.get([a.ready.remote(*self._run) for a in self.actors])
         except Exception as e:
@@ -231,12 +244,14 @@ class RayExecutor(Executor):
         inflight: dict = {}  # ObjectRef -> (worker, candidate indices)
         load = [0] * self.workers
         last = [t0] * self.workers  # when each worker's last result arrived
+        # layer by layer a task's candidates share one stream of the checkpoint: one task per worker
+        per_task = -(-len(candidates) // self.workers) if self.layers else spec.candidate_batch
         while pending or inflight:
             for w in range(self.workers):
                 # one candidate each; a second one queued only while more are left than workers (so
                 # that a generation's last candidates go to whichever worker is free first)
                 while pending and (load[w] == 0 or (load[w] < self.queue and len(pending) > self.workers)):
-                    take = self.scheduler.take(w, pending, keys, spec.candidate_batch)
+                    take = self.scheduler.take(w, pending, keys, per_task)
                     pending = [i for i in pending if i not in take]
                     inflight[self._submit(w, spec, [candidates[i] for i in take])] = (w, take)
                     load[w] += 1
