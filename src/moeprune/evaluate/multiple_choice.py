@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._util import inference_mode, model_device
+from ._util import batch_logits, inference_mode
 
 
 def option_logprobs(
@@ -20,21 +20,21 @@ def option_logprobs(
 
 
 def _score(model, seqs: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
-    device = model_device(model)
+    batches = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b : b + batch_size]
+        width = max(len(p) + len(o) for p, o in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (p, o) in enumerate(chunk):  # right padding
+            x[i, : len(p) + len(o)] = torch.tensor(p + o)
+            mask[i, : len(p) + len(o)] = 1
+        batches.append((x, mask))
     scores: list[float] = []
     with inference_mode(model):
-        for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b : b + batch_size]
-            width = max(len(p) + len(o) for p, o in chunk)
-            x = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, (p, o) in enumerate(chunk):  # right padding
-                x[i, : len(p) + len(o)] = torch.tensor(p + o)
-                mask[i, : len(p) + len(o)] = 1
-            logp = torch.log_softmax(
-                model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1
-            )  # (B, T, V)
-            for i, (p, o) in enumerate(chunk):
+        for b, logits in enumerate(batch_logits(model, batches)):
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            for i, (p, o) in enumerate(seqs[b * batch_size : (b + 1) * batch_size]):
                 pos = torch.arange(len(p) - 1, len(p) + len(o) - 1)  # positions predicting the option
                 tgt = torch.tensor(o, device=logp.device)
                 scores.append(logp[i, pos.to(logp.device), tgt].sum().item())

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._util import inference_mode, model_device
+from ._util import batch_logits, inference_mode
 
 
 def domain_token_streams(
@@ -34,20 +34,21 @@ def sequence_nll(model, ids: list[int], seq_len: int = 512, batch_size: int = 8)
     tokens, and the number of predicted tokens (each window predicts its tokens 2..n)."""
     windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     windows = [w for w in windows if len(w) >= 2]
-    device = model_device(model)
+    batches = []
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b : b + batch_size]
+        width = max(len(w) for w in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, w in enumerate(chunk):  # right padding
+            x[i, : len(w)] = torch.tensor(w)
+            mask[i, : len(w)] = 1
+        batches.append((x, mask))
     total, count = 0.0, 0
     with inference_mode(model):
-        for b in range(0, len(windows), batch_size):
-            chunk = windows[b : b + batch_size]
-            width = max(len(w) for w in chunk)
-            x = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, w in enumerate(chunk):  # right padding
-                x[i, : len(w)] = torch.tensor(w)
-                mask[i, : len(w)] = 1
-            x, mask = x.to(device), mask.to(device)
-            logits = model(input_ids=x, attention_mask=mask).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        for (x, mask), logits in zip(batches, batch_logits(model, batches), strict=True):
+            x, mask = x.to(logits.device), mask.to(logits.device)
+            logp = torch.log_softmax(logits.float()[:, :-1], dim=-1)
             tgt = x[:, 1:]
             nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
             keep = mask[:, 1:].bool()

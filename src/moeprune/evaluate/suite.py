@@ -13,6 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from ._util import layer_by_layer
 from .generation import generation_exact_match
 from .multiple_choice import multiple_choice_accuracy
 from .perplexity import perplexity_by_domain
@@ -48,7 +49,7 @@ def evaluate_suite(
         rows = read_jsonl(suite / "test.jsonl")
         res["perplexity"] = perplexity_by_domain(model, tokenizer, rows, max_tokens_per_domain)
         res["seconds"]["perplexity"] = round(time.perf_counter() - t, 2)
-    if (suite / "generation.jsonl").exists():
+    if (suite / "generation.jsonl").exists() and not layer_by_layer(model):  # one stream per token: not run
         t = time.perf_counter()
         items = read_jsonl(suite / "generation.jsonl")[:max_items]
         res["generation"] = generation_exact_match(model, tokenizer, items, max_new_tokens=max_new_tokens)
@@ -90,6 +91,8 @@ def evaluate_model(
     suite_dir = default_suite_dir() if suite == "testbed" else (Path(suite) if suite is not None else None)
     if suite_dir is not None and not suite_dir.is_dir():
         raise MoepruneError(f"suite directory {suite_dir} does not exist (a folder with test.jsonl, ...)")
+    if lm_eval and layer_by_layer(model):
+        raise MoepruneError("lm-eval tasks need the model in memory; layer by layer, evaluate the suite only")
     out: dict = {}
     if suite_dir is not None:
         out["suite"] = evaluate_suite(
