@@ -148,7 +148,8 @@ def observe_checkpoint(model, out, *, data, criteria=None, overwrite=False, seed
     import tempfile
 
     from .criteria import get_criterion
-    from .recipe import DataSpec, placement
+    from .execute import open_model
+    from .recipe import DataSpec, placement, split_device
     from .surgery.checkpoint import check_output_dir, output_lock
 
     d = DataSpec.build(_data(data))
@@ -156,14 +157,14 @@ def observe_checkpoint(model, out, *, data, criteria=None, overwrite=False, seed
     for name in criteria or []:
         get_criterion(name)
     offload = Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}"
-    where = placement(device, "auto", offload_folder=offload)
+    placement(split_device(device)[0])  # a device this machine lacks fails here
     check_model(model)
     with output_lock(out):
         tokens = load_calibration(
             d.data, load_tokenizer(model), text_field=d.text_field, seq_len=d.seq_len, num_samples=d.samples,
             per_domain=d.per_domain, seed=seed if d.seed is None else d.seed,
         )  # fmt: skip
-        loaded = load(model, **where)
+        loaded = open_model(model, device, offload_folder=offload)  # DEVICE:layers: layer by layer
         return observe(
             loaded, tokens, criteria=criteria, out_dir=out, overwrite=overwrite, seed=seed, **options
         )
@@ -175,7 +176,8 @@ def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", d
     import os
     import tempfile
 
-    from .recipe import placement
+    from .execute import open_model
+    from .recipe import placement, split_device
 
     if suite is None and not lm_eval:
         raise MoepruneError("nothing to evaluate: give a suite or lm-eval tasks")
@@ -186,17 +188,18 @@ def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", d
     include = options.get("lm_eval_include")
     if include is not None and not Path(include).is_dir():
         raise MoepruneError(f"lm-eval include {include}: no such directory")
-    where = placement(
-        device,
-        dtype or "auto",
-        offload_folder=Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}",
-    )
+    offload = Path(tempfile.gettempdir()) / f"moeprune-offload-{os.getpid()}"
+    placement(split_device(device)[0], dtype or "auto")  # a device this machine lacks fails here
     for name in models:
         check_model(name)  # every model readable before the first one loads
     return {
         name: evaluate(
-            load(name, **where), load_tokenizer(name), suite=suite, lm_eval=list(lm_eval), **options
-        )
+            open_model(name, device, dtype, offload),
+            load_tokenizer(name),
+            suite=suite,
+            lm_eval=list(lm_eval),
+            **options,
+        )  # fmt: skip
         for name in models
     }
 

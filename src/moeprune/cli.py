@@ -43,7 +43,7 @@ Seed = Annotated[int, opt("--seed", "Seed of sampling, random criterion, K-means
 Fitness = Annotated[str, opt("--fitness", "esap, kl_teacher_draft, kl_draft_teacher, nll.")]
 Cache = Annotated[str, opt("--cache", "Teacher cache: hidden (final states, exact, T x H), sparse (top-K + tail) or dense.")]
 TopK = Annotated[int, opt("--top-k", "Teacher probabilities kept per token (sparse cache).")]
-Device = Annotated[str, opt("--device", "cpu, cuda, cuda:1, mps, or auto[:0=70GiB,cpu=200GiB] (accelerate device map + disk offload).")]
+Device = Annotated[str, opt("--device", "cpu, cuda, cuda:1, mps, auto[:0=70GiB,cpu=200GiB] (accelerate device map + disk offload), or DEVICE:layers / layers (one decoder layer at a time from the checkpoint; automatic when the model does not fit).")]
 Stack = Annotated[int, opt("--candidate-batch", "Candidates stacked into one forward (pays on a GPU; 1 = one at a time).")]
 Resume = Annotated[bool, opt("--resume", "Continue the search saved for --out.")]
 Executor = Annotated[str, opt("--executor", "Where candidates are scored: local (this process) or ray.")]
@@ -127,7 +127,7 @@ def prune(
     overwrite: Overwrite = False, criterion: Criterion = None, sparsity: Sparsity = None, data: Data = None,
     text_field: TextField = "text", stats: Stats = None, num_samples: Samples = 128, seq_len: SeqLen = 512,
     seed: Seed = 0, device: Device = "cpu",
-    mode: Annotated[str, opt("--mode", "auto | stream (rewrite the safetensors tensor by tensor) | memory.")] = "auto",
+    mode: Annotated[str, opt("--mode", "auto | stream (rewrite the safetensors tensor by tensor) | memory | layers.")] = "auto",
     max_shard_size: Annotated[str | None, opt("--max-shard-size", "Largest weight file, e.g. 5GB.")] = None,
     uniform_from: Annotated[str | None, opt("--uniform-from", "A search's run dir: prune its nearest uniform plan.")] = None,
 ) -> None:  # fmt: skip

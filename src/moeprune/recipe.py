@@ -232,8 +232,25 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's)
-    mode: Literal["auto", "stream", "memory"] = "auto"  # surgery: streamed from the checkpoint or in memory
+    # auto: surgery streamed when the plan is known without the model, and everything run layer by layer
+    # when the model does not fit the device's memory; stream | memory: surgery so; layers: observe,
+    # teacher, search and evaluation one decoder layer at a time from the checkpoint, surgery streamed
+    mode: Literal["auto", "stream", "memory", "layers"] = "auto"
     max_shard_size: str | None = None  # e.g. 5GB; default: the input's largest shard (stream), 5GB (memory)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_layers(cls, data: Any) -> Any:
+        """``device: layers`` / ``cpu:layers`` / ``cuda:1:layers`` is ``mode: layers`` on that device."""
+        if isinstance(data, dict) and isinstance(data.get("device"), str):
+            device, layers = split_device(data["device"])
+            if layers:
+                if data.get("mode", "auto") not in ("auto", "layers"):
+                    raise ValueError(
+                        f"device {data['device']} runs layer by layer; it cannot go with mode {data['mode']}"
+                    )
+                data = {**data, "device": device, "mode": "layers"}
+        return data
 
     @field_validator("allocation")
     @classmethod
@@ -295,10 +312,22 @@ class Recipe(_Strict):
                 "mode stream needs a plan known without running the model: a plan file, or a criterion with "
                 "saved stats, and no evaluation"
             )
+        if self.mode == "layers":
+            self._layers_can_run()
         ev = self.evaluate
         if ev is not None and ev.suite is None and not ev.lm_eval and ev.heldout is None:
             raise ValueError("evaluate needs a suite, lm_eval tasks or heldout data")
         return self
+
+    def _layers_can_run(self) -> None:
+        """What mode layers cannot do: it runs on one device, and every candidate and evaluation
+        changes only routing (on-policy search data is refused by the run, which reads the rows)."""
+        if self.device.startswith("auto"):
+            raise ValueError("mode layers runs on one device (cpu, cuda, ...), not an accelerate device map")
+        if self.eep is not None and (self.eep.merge_iterations or self.eep.active_experts):
+            raise ValueError("mode layers: EEP merging and fewer active experts need the model in memory")
+        if self.evaluate is not None and self.evaluate.lm_eval:
+            raise ValueError("mode layers: lm-eval tasks need the model in memory; evaluate the suite only")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -328,6 +357,16 @@ def one_line(error: ValidationError, where: str = "", names: Callable[[str], str
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def split_device(device: str) -> tuple[str, bool]:
+    """``cuda:1:layers`` -> ("cuda:1", True): the device, and whether the model runs layer by layer
+    from its checkpoint (``layers`` alone: on the CPU)."""
+    if device == "layers":
+        return "cpu", True
+    if device.endswith(":layers"):
+        return device.removesuffix(":layers"), True
+    return device, False
 
 
 def placement(device: str = "cpu", dtype: str = "auto", offload_folder: str | Path | None = None) -> dict:

@@ -146,6 +146,7 @@ class RunContext:
         on_policy = self.search_prompts is not None
         search = spec.search.data if spec.search is not None and not on_policy else None
         self.search_tokens = tokens(search, rows)
+        self.layerwise, self._layers_notice = self._execution(on_policy)
         self.heldout_tokens = tokens(spec.evaluate.heldout if spec.evaluate is not None else None)
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
@@ -215,11 +216,60 @@ class RunContext:
         total = sum(p.numel() for p in self.skeleton.parameters()) * itemsize
         check_free_space(self.out, int(total * (1.0 - share)))
 
+    def _execution(self, on_policy: bool) -> tuple[bool, str | None]:
+        """(whether the run executes layer by layer, the notice to print when that was chosen for it)."""
+        from ..execute.budget import layers_notice
+        from ..surgery.streaming import local_checkpoint
+
+        spec, e = self.spec, self.spec.eep
+        if spec.mode == "layers":
+            if local_checkpoint(self.source) is None:
+                raise MoepruneError(
+                    f"mode layers reads a local safetensors checkpoint (a directory or a cached hub id), not "
+                    f"'{self.source}'"
+                )
+            if on_policy:
+                raise MoepruneError(
+                    "mode layers: on-policy search data (prompt rows) needs the model in memory to write the "
+                    "continuations; give text search data, or continue the prompts with a model that fits"
+                )
+            return True, None
+        in_memory_only = (
+            on_policy
+            or (e is not None and (e.merge_iterations or e.active_experts))
+            or (spec.evaluate is not None and spec.evaluate.lm_eval)
+        )
+        if spec.mode != "auto" or in_memory_only:
+            return False, None  # needs the model in memory: the load says what does not fit
+        notice = layers_notice(self.source, spec.device, spec.dtype)
+        return notice is not None, notice
+
+    @cached_property
+    def layers(self):
+        """The model executed one decoder layer at a time from its checkpoint (`execute.LayerwiseModel`)."""
+        import sys
+
+        from ..execute import LayerwiseModel
+
+        if self._layers_notice:
+            print(self._layers_notice, file=sys.stderr)
+        device = self.placement.get("device_map", "cpu")
+        return LayerwiseModel(
+            self.source, device=device, dtype=self.spec.dtype, spill_dir=self.work, progress=self.progress
+        )
+
+    @property
+    def search_model(self):
+        """What the searches read the MoE layers from: the model, or layer by layer its skeleton."""
+        return self.skeleton if self.layerwise else self.model
+
     @cached_property
     def model(self):
         """The model, loaded once (after every check above passed)."""
         from ..surgery import load
 
+        if self.layerwise:
+            raise MoepruneError("internal: the model is not loaded whole in mode layers")
         return load(self.source, **self.placement)
 
     @property
@@ -227,7 +277,10 @@ class RunContext:
         return "model" in self.__dict__
 
     def stats(self):
-        """Expert statistics: the saved ones, or one observation pass over the calibration data."""
+        """Expert statistics: the saved ones, or one observation pass over the calibration data (layer
+        by layer: one stream of the checkpoint for the statistics and the teacher together)."""
+        if self._stats is None and self.layerwise:
+            self._layer_pass()
         if self._stats is None:
             from ..criteria import observe_for
 
@@ -244,13 +297,40 @@ class RunContext:
     def teacher(self):
         """The unpruned model run once on the search data (`fitness.TeacherRun`), shared by every
         evaluator of the run."""
-        from ..fitness import SearchSet, run_teacher
+        from ..fitness import run_teacher
 
         s = self.spec.search
         if self.search_tokens is None:  # on-policy: the model writes what it is scored on
             self.search_tokens = self._continue_prompts()
-        search = SearchSet.from_tokens(self.search_tokens, min_batches=s.racing_slices)  # racing on or off
+        search = self._search_set()
+        if self.layerwise:
+            return self.layers.run_teacher(search, cache=s.cache, top_k=s.top_k, nucleus_p=s.nucleus_p)
         return run_teacher(self.model, search, cache=s.cache, top_k=s.top_k, nucleus_p=s.nucleus_p)
+
+    def _search_set(self):
+        from ..fitness import SearchSet
+
+        # racing on or off: the same batches
+        return SearchSet.from_tokens(self.search_tokens, min_batches=self.spec.search.racing_slices)
+
+    def _layer_pass(self) -> None:
+        """Layer by layer: the statistics, and the teacher when the run searches, from ONE stream of
+        the checkpoint."""
+        from ..criteria import CRITERIA
+        from ..criteria.rank import supported_criteria
+
+        s = self.spec.search
+        search = self._search_set() if s is not None and "teacher" not in self.__dict__ else None
+        dense = self.spec.criterion is not None and CRITERIA.get(self.spec.criterion).needs_dense
+        teacher_options = {"cache": s.cache, "top_k": s.top_k, "nucleus_p": s.nucleus_p} if s else {}
+        stats, teacher = self.layers.run_pass(
+            calibration=self.calibration, dense_tokens=2048 if dense else 0, seed=self.spec.seed,
+            search=search, **teacher_options,
+        )  # fmt: skip
+        stats.meta["criteria_supported"] = supported_criteria(stats)
+        self._stats = stats
+        if teacher is not None:
+            self.__dict__["teacher"] = teacher
 
     def _search_rows(self, d):
         """The search data's rows, read once (before any weight loads); None for a weighted mixture
@@ -293,9 +373,9 @@ class RunContext:
 
         s = self.spec.search
         return make_executor(
-            s.executor, model=lambda: self.model, teacher=self.teacher, source=self.source,
-            moe_indices=list(self.num_experts), device=self.spec.device, dtype=self.spec.dtype,
-            workers=s.workers, address=s.ray_address,
+            s.executor, model=lambda: self.layers if self.layerwise else self.model, teacher=self.teacher,
+            source=self.source, moe_indices=list(self.num_experts), device=self.spec.device,
+            dtype=self.spec.dtype, workers=s.workers, address=s.ray_address, layers=self.layerwise,
         )  # fmt: skip
 
     def state_path(self, name: str = STATE_FILE) -> Path:

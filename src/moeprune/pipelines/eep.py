@@ -150,7 +150,7 @@ def eep(ctx: RunContext) -> Choice:
         racing_slices=search.racing_slices,
     )
     result = select_experts(
-        ctx.model, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, population=e.population,
+        ctx.search_model, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, population=e.population,
         iterations=e.iterations, seed=s.seed, seeds=seeds, active_experts=e.active_experts,
         candidate_batch=search.candidate_batch, state_path=states[0], **common,
     )  # fmt: skip

@@ -190,7 +190,7 @@ def evoesap(ctx: RunContext) -> Choice:
         checkpoint_every=search.checkpoint_every,
     )  # fmt: skip
     outcome = search_allocation(
-        ctx.model, order, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, config=config,
+        ctx.search_model, order, ctx.teacher, sparsity=s.sparsity, fitness=search.fitness, config=config,
         state_path=state, resume=ctx.resume, progress=ctx.progress, min_remove=search.min_remove,
         max_remove=search.max_remove, candidate_batch=search.candidate_batch, executor=ctx.executor,
         racing=search.racing, racing_z=search.racing_z, racing_slices=search.racing_slices,

@@ -114,6 +114,43 @@ def save_checkpoint(
     )
 
 
+def _layerwise_columns(ctx: RunContext, choice: Choice) -> dict[str, dict]:
+    """The recipe's evaluation layer by layer: every column by exact masking (what the streamed
+    surgery writes is what masking computes), held-out ESAP against a dense teacher."""
+    from ..execute import LayerwiseEvaluator
+
+    ev, lm = ctx.spec.evaluate, ctx.layers
+    heldout = None
+    if ctx.heldout_tokens is not None:
+        teacher = lm.run_teacher(SearchSet.from_tokens(ctx.heldout_tokens), cache="dense")
+        heldout = LayerwiseEvaluator(lm, teacher)
+    plans = {}
+    if ev.baselines:
+        plans["unpruned"] = ExpertPlan({})
+        if choice.uniform is not None and choice.label != "uniform":
+            plans["uniform"] = choice.uniform
+    plans[choice.label] = choice.plan
+    columns = {}
+    for name, plan in plans.items():
+        result: dict = {}
+        if heldout is not None:
+            result["heldout_esap"] = heldout.evaluate(plan).value
+        if ev.suite is not None:
+            from ..evaluate import evaluate_model
+
+            with lm.masked(plan):
+                result |= evaluate_model(
+                    lm, ctx.tokenizer, suite=ev.suite, max_items=ev.max_items,
+                    max_tokens_per_domain=ev.max_tokens_per_domain,
+                )  # fmt: skip
+        columns[name] = result
+    return columns
+
+
+def _evaluation_json(columns: dict[str, dict], ev, label: str) -> str:
+    return json.dumps(columns if ev.baselines else columns[label], indent=1, default=str) + "\n"
+
+
 def _streaming(ctx: RunContext, choice: Choice):
     """A `StreamingPrune` of the input checkpoint when the weights need not be loaded (``mode``:
     auto streams a local safetensors checkpoint whose plan was chosen without the model), else None."""
@@ -162,16 +199,26 @@ def _carry_out(ctx: RunContext, t0: float) -> RunResult:
     if any(name in files for name in STATE_FILES) and ctx.identity is not None:
         files[IDENTITY_FILE] = ctx.identity_json()  # what `--resume` of the finished run must match
     record = choice.record | {"recipe": spec.model_dump(exclude_none=True)}
-    rewrite = _streaming(ctx, choice) if ev is None else None
+    rewrite = _streaming(ctx, choice) if ev is None or ctx.layerwise else None
     if rewrite is not None:
+        columns = _layerwise_columns(ctx, choice) if ev is not None else {}
+        if columns:
+            files["evaluation.json"] = _evaluation_json(columns, ev, choice.label)
         out = save_checkpoint(
             rewrite.model, ctx.out, source=ctx.source, kept=rewrite.kept, num_experts=ctx.num_experts,
             overwrite=ctx.overwrite, record=record | {"surgery": "streamed"}, files=files,
             max_shard_size=spec.max_shard_size, rewrite=rewrite, progress=ctx.progress,
+            card_plot=choice.card_plot, evaluation=columns or None,
         )  # fmt: skip
         ctx.clean_up()
         return RunResult(
-            out, choice, rewrite.kept, ctx.num_experts, None, time.perf_counter() - t0, memory_usage()
+            out,
+            choice,
+            rewrite.kept,
+            ctx.num_experts,
+            columns or None,
+            time.perf_counter() - t0,
+            memory_usage(),
         )
     model = ctx.model
     columns: dict[str, dict] = {}
@@ -189,9 +236,7 @@ def _carry_out(ctx: RunContext, t0: float) -> RunResult:
     if ev is not None:
         columns[choice.label] = _evaluate(ctx, model, None, heldout)
     if columns:
-        files["evaluation.json"] = (
-            json.dumps(columns if ev.baselines else columns[choice.label], indent=1, default=str) + "\n"
-        )
+        files["evaluation.json"] = _evaluation_json(columns, ev, choice.label)
     out = save_checkpoint(
         model, ctx.out, source=ctx.source, kept=kept, num_experts=ctx.num_experts, tokenizer=ctx.tokenizer,
         overwrite=ctx.overwrite, record=record, files=files, card_plot=choice.card_plot, evaluation=columns or None,
