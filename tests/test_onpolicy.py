@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from cli_checks import assert_clean_failure
 from moeprune.data import continue_prompts, is_prompt_set, read_rows
 from moeprune.errors import DataError
 from tiny_models import tiny_model
@@ -92,3 +93,16 @@ def test_a_stop_text_ends_each_continuation_after_it(tmp_path):
             assert text.startswith(kept)
         else:
             assert kept == text
+
+
+def test_mode_layers_refuses_on_policy_data_in_one_line(run_cli, tmp_path):
+    """Writing continuations layer by layer would stream the checkpoint once per token: refused."""
+    save_tiny_checkpoint(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    out = tmp_path / "run"
+    result = run_cli(
+        "search", tmp_path / "model", "--criterion", "frequency", "--sparsity", "0.5", "--data",
+        tmp_path / "calib.txt", "--search-data", write_prompts(tmp_path / "prompts.jsonl"), "--out", out,
+        "--device", "layers",
+    )  # fmt: skip
+    assert_clean_failure(result, out, "mode layers: on-policy search data")

@@ -97,6 +97,18 @@ def test_racing_on_two_workers_equals_local(cluster, files, tmp_path):
     assert saved[0]["tokens"] == saved[1]["tokens"] and saved[0]["raced_out"] == saved[1]["raced_out"]
 
 
+def test_mode_layers_on_two_workers_equals_local(cluster, files, tmp_path):
+    """Mode layers on Ray: each actor runs the model layer by layer and scores its share of a
+    generation in one stream; the same history and plan as the exact search of the local executor in
+    memory (layer by layer a search does not race: each slice would be one more stream)."""
+    exact = evoesap(files, tmp_path / "local", racing=False)
+    plan, history, executor = evoesap(
+        files, tmp_path / "evo", device="layers", executor="ray", workers=2, ray_address=cluster
+    )
+    assert executor["kind"] == "ray"
+    assert (plan, history) == exact[:2]
+
+
 def test_worker_sigkill_mid_generation_same_plan(cluster, files, local, tmp_path, monkeypatch):
     score, submit, seen = RayExecutor.score, RayExecutor._submit, {"generations": 0, "killed": 0}
 
