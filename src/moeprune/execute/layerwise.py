@@ -52,7 +52,8 @@ from ..surgery import mask_experts
 from ..surgery.checkpoint import _model_class, _read_config
 from ..surgery.streaming import OnDiskLayout, Stored, local_checkpoint, read_header, weight_files
 from .activations import Activations
-from .weights import read_stored, resolve_dtype, return_freed_memory
+from .native import prepare_process, trim, weights_mmapped
+from .weights import read_stored, resolve_dtype
 
 Unit = int | str  # a decoder layer index, "embed" or "head"
 
@@ -116,7 +117,7 @@ class LayerwiseModel:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.modeling_utils import local_torch_dtype
 
-        return_freed_memory()
+        prepare_process()
         root = local_checkpoint(source)
         if root is None:
             raise MoepruneError(
@@ -250,7 +251,7 @@ class LayerwiseModel:
             device_map={"": str(self.device)},
             weight_mapping=self._conversions,
         )
-        with _quiet_loading():
+        with _quiet_loading(), weights_mmapped():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         for target in names:
             source = self._tied.get(target)
@@ -269,6 +270,7 @@ class LayerwiseModel:
     def _free(self, unit: Unit) -> None:
         for name in self.units[unit]:
             self._set(name, None)
+        trim()
 
     @contextmanager
     def loaded(self, *units: Unit) -> Iterator[None]:

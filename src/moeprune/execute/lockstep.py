@@ -20,6 +20,7 @@ from ..fitness.evaluator import CandidateEvaluator, FitnessResult, TeacherRun, _
 from ..plan import ExpertPlan
 from ..surgery import mask_experts
 from .layerwise import LayerwiseModel
+from .native import trim
 
 
 def layerwise_evaluator(lm: LayerwiseModel, teacher: TeacherRun, spec) -> LayerwiseEvaluator:
@@ -97,6 +98,7 @@ class LayerwiseEvaluator(CandidateEvaluator):
                     result = totals.result(self.fitness)
                     for c in members:
                         results[c] = result
+                    trim()  # the (rows, V) temporaries of the head go back before the next leaf
         finally:
             store.close()
         n = self.replay.num_layers

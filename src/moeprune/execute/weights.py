@@ -2,14 +2,12 @@
 
 `read_stored` reads one safetensors tensor with ``preadv`` into a fresh anonymous buffer: no file
 pages are mapped into the process (reading through ``safe_open`` maps the file, and the mapped
-pages it touched count in the process's RSS until the handle goes). `return_freed_memory` keeps
-glibc from holding freed layers in its heap.
+pages it touched count in the process's RSS until the handle goes).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -72,22 +70,3 @@ def resolve_dtype(
                 return kind
         return torch.float32
     return getattr(torch, dtype)
-
-
-_MALLOC_FIXED = False
-
-
-def return_freed_memory() -> None:
-    """On glibc, allocations of 1 MiB and more mmapped, always: glibc otherwise raises its mmap
-    threshold after the first large free (up to 32 MiB), and each layer's tensors then land in a heap
-    that fragments and grows by ~half a layer per layer instead of going back to the OS."""
-    global _MALLOC_FIXED
-    if _MALLOC_FIXED or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-    _MALLOC_FIXED = True
