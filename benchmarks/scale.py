@@ -12,6 +12,14 @@ temporary directory, then prunes it, each run in a fresh process, and prints wal
 
 Goal: streaming peak RSS - import baseline <= 2x the largest input shard, and faster than in memory.
 
+With ``--passes`` it measures what runs the model instead (issue 13), in memory vs layer by layer
+(`execute.LayerwiseModel`), each in a fresh process: observe (calibration 16 x 128 tokens), the
+teacher cache (search 8 x 128 tokens, batch 8), and observe + teacher + a search (population 8,
+2 generations; layer by layer one stream for observe + teacher, one per generation); wall time,
+peak RSS, bytes read (/proc/self/io read_bytes + rchar) and the load average. Writes
+benchmarks/results/scale_layers.txt. Goals: layer-by-layer peak RSS - import baseline <= 15% of the
+checkpoint; layer-by-layer search wall time <= 1.5x in memory.
+
     python benchmarks/scale.py                                  # writes benchmarks/results/scale.txt
     python benchmarks/scale.py --layers 8 --experts 32 --no-memory   # a quick look
 """
@@ -40,6 +48,66 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
+def _io() -> dict[str, int]:
+    out = {}
+    for line in open("/proc/self/io"):
+        key, value = line.split(":")
+        out[key] = int(value)
+    return out
+
+
+CACHE = "hidden"  # the teacher cache of a run (`search.cache`'s default)
+
+
+def passes(mode: str, src: str) -> dict:
+    """observe / teacher / search, in memory or layer by layer (mode e.g. 'search-layers')."""
+    import torch
+
+    from moeprune.allocate import EvoConfig
+    from moeprune.criteria import removal_order
+    from moeprune.data import TokenSet
+    from moeprune.execute import LayerwiseModel, LocalExecutor, layerwise_evaluator
+    from moeprune.fitness import SearchSet, run_teacher
+    from moeprune.observe import observe
+    from moeprune.pipelines.evoesap import search_allocation
+    from moeprune.surgery import load
+
+    what, where = mode.split("-")
+    gen = torch.Generator().manual_seed(0)
+    cal_ids = torch.randint(3, 1000, (16, 128), generator=gen)
+    calibration = TokenSet(cal_ids, torch.ones_like(cal_ids), torch.ones_like(cal_ids).bool(), ["en"] * 16)
+    search = SearchSet.from_tensors(torch.randint(3, 1000, (8, 128), generator=gen), batch_size=8)
+    model = LayerwiseModel(src) if where == "layers" else load(src)
+    info: dict = {}
+    if what == "observe":
+        observe(model, calibration, progress=False)
+    elif what == "teacher":
+        model.run_teacher(search, cache=CACHE) if where == "layers" else run_teacher(
+            model, search, cache=CACHE
+        )
+    else:
+        if where == "layers":  # as a run in mode layers: one stream for both, the lockstep evaluator
+            stats, teacher = model.run_pass(calibration=calibration, search=search, cache=CACHE)
+            executor, skeleton = LocalExecutor(model, teacher, layerwise_evaluator), model.model
+        else:
+            stats, teacher = (
+                observe(model, calibration, progress=False),
+                run_teacher(model, search, cache=CACHE),
+            )
+            executor, skeleton = LocalExecutor(model, teacher), model
+        t = time.perf_counter()
+        outcome = search_allocation(
+            skeleton, removal_order(stats, "frequency", 0), teacher, sparsity=0.5,
+            config=EvoConfig(population=8, generations=2, seed=0), progress=False, executor=executor,
+        )  # fmt: skip
+        info = {"search_s": time.perf_counter() - t, "best": outcome.best_fitness["value"]}
+    if where == "layers":
+        info["layer_bytes"] = max(model.unit_bytes(j) for j in range(model.replay.num_layers))
+        info["head_bytes"] = model.unit_bytes("head") + model.unit_bytes("embed")
+        info["read_by_loader"] = model.bytes_read
+    return info
+
+
 def child(mode: str, src: str, out: str, plan_file: str, shard: str) -> None:
     """One measured run (in a fresh process): prints a JSON line."""
     t0 = time.perf_counter()
@@ -48,7 +116,11 @@ def child(mode: str, src: str, out: str, plan_file: str, shard: str) -> None:
 
     imported = time.perf_counter()
     rss_import = _status("VmRSS")
-    if mode != "import":
+    io0 = _io()
+    extra: dict = {}
+    if "-" in mode:
+        extra = passes(mode, src)
+    elif mode != "import":
         plan = {int(k): v for k, v in json.loads(Path(plan_file).read_text()).items()}
         if mode == "memory":
             model = api.load(src)
@@ -58,7 +130,7 @@ def child(mode: str, src: str, out: str, plan_file: str, shard: str) -> None:
         else:
             api.stream_prune(src, plan, out, max_shard_size=shard)
     done = time.perf_counter()
-    files = list(Path(out).glob("*.safetensors")) if mode != "import" else []
+    files = list(Path(out).glob("*.safetensors")) if mode != "import" and "-" not in mode else []
     print(
         json.dumps(
             {
@@ -68,6 +140,9 @@ def child(mode: str, src: str, out: str, plan_file: str, shard: str) -> None:
                 "rss_after_import": rss_import,
                 "out_bytes": sum(f.stat().st_size for f in files),
                 "shards": len(files),
+                "read_bytes": _io()["read_bytes"] - io0["read_bytes"],
+                "rchar": _io()["rchar"] - io0["rchar"],
+                **extra,
             }
         )
     )
@@ -116,7 +191,11 @@ def main() -> None:
         "--dir", type=Path, default=None, help="Where to build (default: a temp dir in /tmp)."
     )
     parser.add_argument("--no-memory", action="store_true", help="Skip the in-memory run (it needs ~2x RAM).")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--passes", action="store_true", help="observe/teacher/search in memory vs layer by layer."
+    )
+    parser.add_argument("--src", type=Path, default=None, help="An existing synthetic checkpoint to reuse.")
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -126,6 +205,11 @@ def main() -> None:
     from synthetic import qwen3_moe_config, write_synthetic_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="moeprune-scale-", dir=args.dir))
+    if args.passes:
+        try:
+            return layer_passes(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     try:
         config = qwen3_moe_config(args.layers, args.experts, args.hidden, args.intermediate, args.top_k)
         t0 = time.perf_counter()
@@ -183,8 +267,83 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out = args.out or RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+def layer_passes(args, work: Path) -> None:
+    """observe / teacher / search in memory vs layer by layer (module docstring)."""
+    import os
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from synthetic import qwen3_moe_config, write_synthetic_checkpoint
+
+    t0 = time.perf_counter()
+    if args.src is not None:
+        src = args.src
+    else:
+        config = qwen3_moe_config(args.layers, args.experts, args.hidden, args.intermediate, args.top_k)
+        src = write_synthetic_checkpoint(work / "src", config, shard_bytes=args.shard_mb * 10**6)
+    built = time.perf_counter() - t0
+    shards = sorted(src.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards)
+    load_before = os.getloadavg()
+    runs = [("import", measure("import", src, work / "none", work / "none", "1GB"))]
+    for what in ("observe", "teacher", "search"):
+        for where in ("memory", "layers"):
+            runs.append(
+                (f"{what}-{where}", measure(f"{what}-{where}", src, work / "none", work / "none", "1GB"))
+            )
+            print(runs[-1], flush=True)
+    load_after = os.getloadavg()
+    base = runs[0][1]["peak_rss"]
+    mb = 1e6
+    lines = [
+        "moeprune observe / teacher / search: in memory vs layer by layer (benchmarks/scale.py --passes), each run a fresh process",
+        f"checkpoint: synthetic qwen3_moe, {args.layers} layers x {args.experts} experts, top-{args.top_k}, hidden "
+        f"{args.hidden}, expert intermediate {args.intermediate}, bf16, per-expert tensors; {size / 1e9:.2f} GB in "
+        f"{len(shards)} shards (built in {built:.0f} s); CPU, float (bf16) as stored",
+        f"data: calibration 16 x 128 tokens (observe), search 8 x 128 tokens, batch 8 (teacher, {CACHE} cache); search = "
+        "observe + teacher + EvoESAP population 8, 2 generations (layer by layer: one stream for observe + teacher, "
+        "one per generation)",
+        f"load average (1, 5, 15 min) before: {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}, after: "
+        f"{load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f} (a shared 2-core machine: wall times are noisy)",
+        "peak RSS = VmHWM; 'over import' = peak RSS - the import-only process's; read = /proc/self/io read_bytes "
+        "(from disk) and rchar (all reads, page cache included)",
+        "",
+        f"{'run':<16} {'wall s':>8} {'work s':>8} {'peak RSS MB':>12} {'over import MB':>15} {'% ckpt':>7} "
+        f"{'disk read MB':>13} {'rchar MB':>9}",
+    ]
+    for name, r in runs:
+        over = r["peak_rss"] - base
+        lines.append(
+            f"{name:<16} {r['wall_s']:>8.1f} {r['work_s']:>8.1f} {r['peak_rss'] / mb:>12.0f} {over / mb:>15.0f} "
+            f"{100 * over / size:>6.1f}% {r['read_bytes'] / mb:>13.0f} {r['rchar'] / mb:>9.0f}"
+        )
+    res = dict(runs)
+    layer = res["search-layers"]
+    worst = max(r["peak_rss"] - base for n, r in runs if n.endswith("-layers"))
+    ratio = layer["search_s"] / res["search-memory"]["search_s"]
+    lines += [
+        "",
+        f"per unit (layer by layer): largest decoder layer {layer['layer_bytes'] / mb:.1f} MB, embeddings + head "
+        f"{layer['head_bytes'] / mb:.1f} MB; bytes the loader read in the search run: {layer['read_by_loader'] / 1e9:.2f} GB "
+        f"= {layer['read_by_loader'] / size:.1f} x the checkpoint (1 stream for observe + teacher, 1 per generation, "
+        "plus the uniform/best re-scores)",
+        f"search phase only: in memory {res['search-memory']['search_s']:.1f} s, layer by layer {layer['search_s']:.1f} s "
+        f"(best ESAP {res['search-memory']['best']:.6f} vs {layer['best']:.6f})",
+        f"goal 1: layer-by-layer peak RSS - import baseline <= 15% of the checkpoint: {worst / mb:.0f} MB = "
+        f"{100 * worst / size:.1f}%: {'met' if worst <= 0.15 * size else 'NOT met'}",
+        f"goal 2: layer-by-layer search wall time <= 1.5x in memory (search phase): {ratio:.2f}x: "
+        f"{'met' if ratio <= 1.5 else 'NOT met'}; whole process: "
+        f"{layer['wall_s'] / res['search-memory']['wall_s']:.2f}x",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or RESULTS.with_name("scale_layers.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 if __name__ == "__main__":
