@@ -258,17 +258,21 @@ def test_layerwise_perplexity_and_multiple_choice_equal_in_memory(testbed):
 
 def test_device_layers_is_mode_layers():
     base = {"model": "m", "out": "o", "sparsity": 0.5, "criterion": "frequency", "stats": "s"}
-    assert (
-        Recipe.build(base | {"device": "layers"}).device,
-        Recipe.build(base | {"device": "layers"}).mode,
-    ) == (
-        "cpu",
-        "layers",
-    )
+    r = Recipe.build(base | {"device": "layers"})
+    assert (r.device, r.mode) == ("cpu", "layers")
     r = Recipe.build(base | {"device": "cuda:1:layers"})
     assert (r.device, r.mode) == ("cuda:1", "layers")
-    with pytest.raises(moeprune.errors.MoepruneError, match="cannot go with mode memory"):
-        Recipe.build(base | {"device": "layers", "mode": "memory"})
+    eep = base | {"allocation": "eep", "search": {"data": {"data": "s.jsonl"}}, "mode": "layers"}
+    refused = {
+        "cannot go with mode memory": base | {"device": "layers", "mode": "memory"},
+        "not an accelerate device map": base | {"device": "auto", "mode": "layers"},
+        "EEP merging and fewer active experts": eep | {"eep": {"merge_iterations": 3}},
+        "lm-eval tasks need the model in memory": base
+        | {"mode": "layers", "evaluate": {"lm_eval": ["moeprune_mc"]}},
+    }
+    for message, spec in refused.items():
+        with pytest.raises(moeprune.errors.MoepruneError, match=message):
+            Recipe.build(spec)
 
 
 def test_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path, capsys, monkeypatch):
