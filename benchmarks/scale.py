@@ -303,7 +303,8 @@ def layer_passes(args, work: Path) -> None:
         "moeprune observe / teacher / search: in memory vs layer by layer (benchmarks/scale.py --passes), each run a fresh process",
         f"checkpoint: synthetic qwen3_moe, {args.layers} layers x {args.experts} experts, top-{args.top_k}, hidden "
         f"{args.hidden}, expert intermediate {args.intermediate}, bf16, per-expert tensors; {size / 1e9:.2f} GB in "
-        f"{len(shards)} shards (built in {built:.0f} s); CPU, float (bf16) as stored",
+        f"{len(shards)} shards ({'reused: --src' if args.src is not None else f'built in {built:.0f} s'}); CPU, "
+        "float (bf16) as stored",
         f"data: calibration 16 x 128 tokens (observe), search 8 x 128 tokens, batch 8 (teacher, {CACHE} cache); search = "
         "observe + teacher + EvoESAP population 8, 2 generations (layer by layer: one stream for observe + teacher, "
         "one per generation)",
