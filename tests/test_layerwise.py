@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import moeprune
 from moeprune.allocate import EvoConfig
@@ -113,12 +114,16 @@ def test_layerwise_observe_and_logits_equal_in_memory(family, layout, saved):
     assert (logits - reference).abs().max().item() <= 1e-6
 
 
-TEACHER_CASES = [(f, "hidden") for f in FAMILIES] + [("qwen3_moe", "sparse"), ("mixtral", "dense")]
+TEACHER_CASES = [(f, "hidden") for f in FAMILIES] + [
+    ("qwen3_moe", "sparse"),
+    ("mixtral", "dense"),
+    ("olmoe", "nucleus"),
+]
 
 
 @pytest.mark.parametrize(("family", "cache"), TEACHER_CASES, ids=[f"{f}-{c}" for f, c in TEACHER_CASES])
 def test_layerwise_teacher_and_esap_equal_in_memory(family, cache, saved):
-    """The teacher cache (hidden, the default: the final normed states; sparse top-K; dense), and ESAP
+    """The teacher cache (hidden, the default: the final normed states; sparse top-K; dense; nucleus), and ESAP
     of plans (alone and in lockstep, with shared prefixes) == the masked in-memory ESAP."""
     path = saved(family)
     model, search = load(path), search_set()
@@ -127,7 +132,7 @@ def test_layerwise_teacher_and_esap_equal_in_memory(family, cache, saved):
     got = lm.run_teacher(search, cache=cache, top_k=8)
     assert got.kind == want.kind == cache
     for a, b in zip(want.cache.slices, got.cache.slices, strict=True):
-        if cache == "sparse":
+        if cache in ("sparse", "nucleus"):
             assert torch.equal(a.top_ids, b.top_ids)
             assert (a.top_probs - b.top_probs).abs().max().item() <= 1e-6
         else:
@@ -194,28 +199,31 @@ def _history(outcome) -> list[dict]:
     return outcome.result.history
 
 
-def test_layerwise_search_gives_the_in_memory_plan_and_history(testbed):
+@pytest.mark.parametrize("racing", [False, True], ids=["exact", "raced"])
+def test_layerwise_search_gives_the_in_memory_plan_and_history(testbed, racing):
     """EvoESAP on the testbed (same seed): each generation scored in lockstep, one stream per
-    generation; the same plan, history and fitness values as the in-memory search."""
+    generation (raced: per slice); the same plan, history and fitness values as in memory."""
     model, tok, _, data_dir, lm = testbed
     stats = observe(model, token_split(tok, data_dir / "calibration.jsonl", 4, 64), progress=False)
     order = removal_order(stats, "frequency", 0)
-    search = SearchSet.from_tokens(token_split(tok, data_dir / "search.jsonl", 2, 48))
-    config = EvoConfig(population=6, generations=3, seed=0)
-    memory = search_allocation(
-        model, order, run_teacher(model, search, cache="hidden"), sparsity=0.5, config=config, progress=False
-    )
+    search = SearchSet.from_tokens(token_split(tok, data_dir / "search.jsonl", 4, 48), min_batches=4)
+    options = dict(sparsity=0.5, config=EvoConfig(population=6, generations=3, seed=0), progress=False)
+    options |= dict(racing=racing, racing_z=0.5)  # z 0.5: the race drops candidates
+    memory = search_allocation(model, order, run_teacher(model, search, cache="hidden"), **options)
     teacher = lm.run_teacher(search, cache="hidden")
     executor = LocalExecutor(lm, teacher, layerwise_evaluator)  # what a run in mode layers uses
-    layerwise = search_allocation(
-        lm.model, order, teacher, sparsity=0.5, config=config, progress=False, executor=executor
-    )
+    layerwise = search_allocation(lm.model, order, teacher, executor=executor, **options)
     assert layerwise.best == memory.best and layerwise.plan == memory.plan
     assert _history(layerwise) == _history(memory)
+    assert layerwise.result.tokens == memory.result.tokens
     assert layerwise.best_fitness["value"] == pytest.approx(memory.best_fitness["value"], abs=1e-9)
-    (evaluator,) = executor.scorer.evaluators.values()
-    assert isinstance(evaluator, LayerwiseEvaluator)
-    assert evaluator.stats.evaluations == layerwise.result.evaluations
+    evaluators = list(executor.scorer.evaluators.values())
+    assert all(isinstance(e, LayerwiseEvaluator) for e in evaluators)
+    assert len(evaluators) == (4 if racing else 1)  # one per racing slice
+    if racing:
+        assert layerwise.racing["raced_out"] > 0
+    else:
+        assert evaluators[0].stats.evaluations == layerwise.result.evaluations
 
 
 def test_layerwise_eep_selection_gives_the_in_memory_result(testbed):
@@ -289,11 +297,13 @@ def test_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path, capsys, 
         "samples": 2, "seq_len": 48, "seed": 7}},
     )  # fmt: skip
     memory = api.run(
-        api.recipe("evoesap", model_dir, tmp_path / "memory", mode="memory", **common), progress=False
+        api.recipe("evoesap", model_dir, tmp_path / "memory", mode="memory", racing=False, **common),
+        progress=False,
     )
-    layers = api.run(
+    layers = api.run(  # racing on by default: layer by layer the search is exact all the same
         api.recipe("evoesap", model_dir, tmp_path / "layers", device="layers", **common), progress=False
     )
+    assert yaml.safe_load((tmp_path / "layers" / "recipe.yaml").read_text())["search"]["racing"] is False
     assert layers.choice.plan == memory.choice.plan
     assert layers.kept == memory.kept
     heldout = {k: v["heldout_esap"] for k, v in layers.evaluation.items()}

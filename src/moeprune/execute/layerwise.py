@@ -365,14 +365,18 @@ class LayerwiseModel:
         search: SearchSet | None = None,
         cache: str = "sparse",
         top_k: int = 64,
+        nucleus_p: float = 0.95,
     ):
         """One stream of the checkpoint that observes `calibration` (a `TokenSet`: `ExpertStats`, as
         `observe.observe` computes them) and/or runs the teacher on `search` (`TeacherRun`, as
-        `fitness.run_teacher` builds it). Returns (stats or None, teacher or None)."""
+        `fitness.run_teacher` builds it: `cache`, `top_k`, `nucleus_p`). Returns (stats or None,
+        teacher or None)."""
         from ..observe.observer import Observer, dense_subsample, observation_meta
 
         if cache not in CACHE_KINDS:
             raise ValueError(f"teacher cache must be one of {CACHE_KINDS}, got {cache!r}")
+        if not 0.0 < nucleus_p <= 1.0:
+            raise ValueError(f"nucleus_p must be in (0, 1], got {nucleus_p}")
         t0 = time.perf_counter()
         store = self._store()
         try:
@@ -414,7 +418,8 @@ class LayerwiseModel:
                 meta = observation_meta(self.model, calibration, dense_mask, model_name or str(self.source))
                 stats = ExpertStats(layers=obs.result(), meta=meta)
             if search is not None:
-                teacher = self._teacher(search, search_records, search_keys, store, cache, top_k, t0)
+                cache_options = {"kind": cache, "top_k": top_k, "nucleus_p": nucleus_p}
+                teacher = self._teacher(search, search_records, search_keys, store, cache_options, t0)
             return stats, teacher
         finally:
             store.close()
@@ -424,11 +429,15 @@ class LayerwiseModel:
         options.pop("progress", None)
         return self.run_pass(calibration=data, **options)[0]
 
-    def run_teacher(self, search: SearchSet, *, cache: str = "sparse", top_k: int = 64) -> TeacherRun:
+    def run_teacher(
+        self, search: SearchSet, *, cache: str = "sparse", top_k: int = 64, nucleus_p: float = 0.95
+    ) -> TeacherRun:
         """`fitness.run_teacher` layer by layer: the teacher cache and the records candidates replay."""
-        return self.run_pass(search=search, cache=cache, top_k=top_k)[1]
+        return self.run_pass(search=search, cache=cache, top_k=top_k, nucleus_p=nucleus_p)[1]
 
-    def _teacher(self, search, records, keys, store, cache, top_k, t0) -> TeacherRun:
+    def _teacher(self, search, records, keys, store, options: dict, t0) -> TeacherRun:
+        """The teacher cache (`options`: kind, top_k, nucleus_p) from the last layer's outputs."""
+        cache, top_k, nucleus_p = options["kind"], options["top_k"], options["nucleus_p"]
         search = search.to(self.device)
         positions = [b.scored_positions() for b in search.batches]
         labels = [b.labels()[p] for b, p in zip(search.batches, positions, strict=True)]
@@ -444,12 +453,15 @@ class LayerwiseModel:
                     slices.append(teacher_slice(None, cache, top_k, hidden=rows))
                     continue
                 logits = self.replay.head(h)  # (B, L, V)
-                slices.append(teacher_slice(logits.reshape(-1, logits.shape[-1])[positions[b]], cache, top_k))
+                rows = logits.reshape(-1, logits.shape[-1])[positions[b]]  # (n_b, V)
+                slices.append(teacher_slice(rows, cache, top_k, nucleus_p=nucleus_p))
         for record in records:  # candidates start from layer 0's input: keep it on the host
             record.layer0_input = record.layer0_input.to("cpu")
         return TeacherRun(
             search=search,
-            cache=TeacherCache(kind=cache, top_k=top_k, slices=slices),
+            cache=TeacherCache(
+                kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p if cache == "nucleus" else None
+            ),
             records=records,
             positions=positions,
             labels=labels,

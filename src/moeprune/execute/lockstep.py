@@ -16,7 +16,8 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import MoepruneError
-from ..fitness.evaluator import CandidateEvaluator, FitnessResult, TeacherRun, _Totals, head_rows_for
+from ..fitness.evaluator import CandidateEvaluator, TeacherRun, head_rows_for
+from ..fitness.totals import FitnessResult, Totals
 from ..plan import ExpertPlan
 from ..surgery import mask_experts
 from .layerwise import LayerwiseModel
@@ -25,11 +26,13 @@ from .native import trim
 
 def layerwise_evaluator(lm: LayerwiseModel, teacher: TeacherRun, spec) -> LayerwiseEvaluator:
     """The evaluator of a `base.ScoreSpec` on a model executed layer by layer (the `Scorer`'s factory
-    in mode layers). Candidate stacking, the prefix cache's size and reuse settings do not apply: a
-    generation's candidates share prefixes within one stream."""
+    in mode layers; `teacher`: the spec's slice of the run). Candidate stacking, the prefix cache's
+    size and reuse settings do not apply: a call's candidates share prefixes within one stream. A
+    racing slice's results keep their per-token values; each slice is one more stream, which is why
+    a run in mode layers does not race."""
     if spec.merged or spec.active_experts is not None:
         raise MoepruneError("mode layers: EEP merging and fewer active experts need the model in memory")
-    return LayerwiseEvaluator(lm, teacher, fitness=spec.fitness)
+    return LayerwiseEvaluator(lm, teacher, fitness=spec.fitness, keep_tokens=spec.slice is not None)
 
 
 class LayerwiseEvaluator(CandidateEvaluator):
@@ -37,11 +40,14 @@ class LayerwiseEvaluator(CandidateEvaluator):
     of the layers (lockstep), sharing hidden states between plans with the same masks in layers
     0..j-1. Results are those of the in-memory evaluator (same layer inputs, same operations)."""
 
-    def __init__(self, lm: LayerwiseModel, teacher: TeacherRun, *, fitness: str = "esap", **_ignored) -> None:
+    def __init__(
+        self, lm: LayerwiseModel, teacher: TeacherRun, *, fitness: str = "esap", keep_tokens: bool = False
+    ) -> None:
         vocab = lm.config.get_text_config().vocab_size
         super().__init__(
-            lm.model, teacher, fitness=fitness, reuse=False, head_rows=head_rows_for(lm.device, vocab)
-        )
+            lm.model, teacher, fitness=fitness, reuse=False, head_rows=head_rows_for(lm.device, vocab),
+            keep_tokens=keep_tokens,
+        )  # fmt: skip
         self.lm = lm
         self.device = lm.device
         self.full_forward = False  # the teacher run carries every layer's call arguments
@@ -93,7 +99,7 @@ class LayerwiseEvaluator(CandidateEvaluator):
             results: list[FitnessResult | None] = [None] * len(plans)
             with lm.loaded("head"):
                 for members, keys in groups.values():
-                    totals = _Totals()
+                    totals = Totals(self.keep_tokens)
                     self._score_hidden([store.get(k).to(self.device) for k in keys], totals)
                     result = totals.result(self.fitness)
                     for c in members:

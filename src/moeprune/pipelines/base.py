@@ -147,6 +147,11 @@ class RunContext:
         search = spec.search.data if spec.search is not None and not on_policy else None
         self.search_tokens = tokens(search, rows)
         self.layerwise, self._layers_notice = self._execution(on_policy)
+        if self.layerwise and spec.search is not None and spec.search.racing:
+            # layer by layer every racing slice would be one more stream of the checkpoint per
+            # generation: the exact search, one stream per generation (recipe.yaml says racing: false)
+            search = spec.search.model_copy(update={"racing": False})
+            self.spec = spec = spec.model_copy(update={"search": search})
         self.heldout_tokens = tokens(spec.evaluate.heldout if spec.evaluate is not None else None)
         if spec.evaluate is not None and spec.evaluate.suite not in (None, "testbed"):
             if not Path(spec.evaluate.suite).is_dir():
