@@ -192,16 +192,11 @@ def evaluate_checkpoints(models, *, suite="testbed", lm_eval=(), device="cpu", d
     placement(split_device(device)[0], dtype or "auto")  # a device this machine lacks fails here
     for name in models:
         check_model(name)  # every model readable before the first one loads
-    return {
-        name: evaluate(
-            open_model(name, device, dtype, offload),
-            load_tokenizer(name),
-            suite=suite,
-            lm_eval=list(lm_eval),
-            **options,
-        )  # fmt: skip
-        for name in models
-    }
+    results = {}
+    for name in models:  # loaded (or opened layer by layer) one at a time
+        model = open_model(name, device, dtype, offload)
+        results[name] = evaluate(model, load_tokenizer(name), suite=suite, lm_eval=list(lm_eval), **options)
+    return results
 
 
 def criterion_plan(
