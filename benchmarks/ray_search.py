@@ -87,7 +87,14 @@ def main(argv: list[str] | None = None) -> None:
         faults = minor_faults() - f0
         n = out.result.evaluations
         t = getattr(executor, "timing", None)
-        row = {"name": name, "wall": wall, "startup": startup, "candidates": n, "rate": n / wall}
+        row = {
+            "name": name,
+            "wall": wall,
+            "startup": startup,
+            "candidates": n,
+            "rate": n / wall,
+            "driver": cpu / n,
+        }
         if t is None:  # the evaluator's own clock; the whole search's CPU time (one thread)
             row |= {
                 "eval": out.reuse["eval_seconds"] / n,
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     local = rows[0]
     print(
         f"{'executor':<9} {'wall s':>7} {'start s':>7} {'cands':>5} {'cands/s':>8} {'vs local':>8} {'eval s':>7} "
-        f"{'CPU s':>6} {'proc s':>6} {'faults':>6} {'cores':>5} {'overhead':>16} {'tail':>16} {'layers':>6}  load 1/5 min before -> after"
+        f"{'CPU s':>6} {'proc s':>6} {'faults':>6} {'drv s':>6} {'cores':>5} {'overhead':>16} {'tail':>16} {'layers':>6}  load 1/5 min before -> after"
     )
     for r in rows:
 
@@ -140,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
 
         print(
             f"{r['name']:<9} {r['wall']:7.2f} {r['startup']:7.1f} {r['candidates']:5d} {r['rate']:8.3f} "
-            f"{r['rate'] / local['rate']:7.2f}x {r['eval']:7.3f} {r['cpu']:6.3f} {r['process']:6.3f} {r['faults']:6.0f} {r['cores']:5.2f} "
+            f"{r['rate'] / local['rate']:7.2f}x {r['eval']:7.3f} {r['cpu']:6.3f} {r['process']:6.3f} {r['faults']:6.0f} {r['driver']:6.3f} {r['cores']:5.2f} "
             f"{per(r['overhead']):>16} {per(r['tail']):>16} {r['layers']:6.3f}  {r['load']}"
         )
     print(
-        "start s: actor start-up (model load, teacher fetch, one warm-up evaluation); eval s: one evaluation's wall time on a scorer (after the warm-up); CPU s: the CPU time of the scoring thread; proc s: of the whole scorer process (Ray's threads in an actor); faults: minor page faults per evaluation; cores: the cores all "
+        "start s: actor start-up (model load, teacher fetch, one warm-up evaluation); eval s: one evaluation's wall time on a scorer (after the warm-up); CPU s: the CPU time of the scoring thread; proc s: of the whole scorer process (Ray's threads in an actor); faults: minor page faults per evaluation; drv s: the driver process's CPU time per candidate (local: the scoring itself); cores: the cores all "
         "scorers got while scoring (CPU s / eval s x workers); overhead: scheduling + transfer; tail: "
         "workers idle at generation ends; layers: share of decoder layers run (prefix reuse)"
     )
