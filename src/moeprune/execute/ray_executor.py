@@ -171,8 +171,9 @@ class ScoringWorker:
 
             from ..fitness import LayerReplay
 
-            # copied into this process's memory: computing on tensors that stay in the object store's
-            # shared memory took 20-40% more CPU per candidate (measured on the testbed)
+            # copied into this process's memory (writable, the actor's own); the extra CPU once blamed
+            # on computing from the object store's shared memory was the malloc thresholds (`keep_heap`):
+            # with them, copied and zero-copy cost the same (benchmarks/ray_eval_cost.py)
             run = _tensors_to(ray.get(teacher[0]), next(self.model.parameters()).device, copy=True)
             if replay:
                 run = dataclasses.replace(run, replay=LayerReplay(self.model))
