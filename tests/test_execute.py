@@ -3,7 +3,12 @@ travels without the model, the scheduler follows cached prefixes and balances lo
 
 from __future__ import annotations
 
+import os
 import pickle
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -49,6 +54,26 @@ def test_teacher_run_travels_without_the_model():
     back = pickle.loads(data)
     assert torch.equal(back.records[0].layer0_input, teacher.records[0].layer0_input)
     assert torch.equal(back.cache.slices[0].top_probs, teacher.cache.slices[0].top_probs)
+
+
+def test_keep_heap_takes_on_glibc():
+    """The actors' malloc settings apply (in a subprocess: this one's allocator is left alone) and
+    scores computed after them are the same, bit for bit (one thread, as conftest sets here)."""
+    code = (
+        "import torch; from moeprune.execute.ray_executor import keep_heap; ok = keep_heap(); "
+        "torch.set_num_threads(1); from test_execute import _score; print(ok, _score().hex())"
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
+    ok, score = out.decode().split()
+    assert ok == str(platform.libc_ver()[0] == "glibc")
+    assert float.fromhex(score) == _score()
+
+
+def _score() -> float:
+    model, teacher = _setup()
+    plan = ExpertPlan.from_removed({layer.index: [1, 6] for layer in moe_layers(model)})
+    return LocalExecutor(model, teacher).score(ScoreSpec(), [plan])[0].score
 
 
 def test_scheduler_follows_prefixes_and_balances():

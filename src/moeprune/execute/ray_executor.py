@@ -13,6 +13,7 @@ result: every score is computed by the same code on the same weights, in one thr
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -24,13 +25,16 @@ import torch
 
 from ..errors import MoepruneError
 from ..fitness import FitnessResult, TeacherRun
+from ..plan import ExpertPlan
 from .base import Executor, Scorer, ScoreSpec, memory_evaluator, merge_stats
 from .schedule import AffinityScheduler, prefix_keys
 
-__all__ = ["RayExecutor", "connect", "portable", "worker_count"]
+__all__ = ["RayExecutor", "connect", "keep_heap", "portable", "worker_count"]
 
 CONNECT_TIMEOUT_S = 5.0
 INSTALL = "pip install 'moeprune[ray]'"
+# glibc mallopt parameters (M_MMAP_THRESHOLD: 32 MiB, glibc's largest; M_TRIM_THRESHOLD)
+MALLOPT = {-3: 32 * 2**20, -1: 256 * 2**20}
 
 
 def _import_ray():
@@ -108,6 +112,35 @@ def _tensors_to(value, device: torch.device, copy: bool = False):
     return value
 
 
+def keep_heap() -> bool:
+    """Make glibc's malloc in this process serve blocks up to 32 MiB from the heap and keep up to
+    256 MiB of freed heap, instead of mapping every large block afresh and handing freed memory
+    back to the kernel; False where the C library has no `mallopt` (not glibc) or refuses.
+
+    glibc starts at a 128 KiB mmap threshold (and a 128 KiB trim threshold) and raises them only
+    once a larger mapped block is freed. A driver that ran the calibration and the teacher has freed
+    ~30 MiB blocks (full-vocabulary logits), so its thresholds sit near 30/60 MiB; a fresh worker's
+    do not, and each evaluation's tensors were mapped and page-faulted in again: ~30,000 minor
+    faults and ~50 ms of system time per evaluation on the testbed (0.20 CPU s against 0.145 in
+    the driver). Scores are unchanged: only where the memory comes from."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([mallopt(param, value) == 1 for param, value in MALLOPT.items()])
+
+
+def _faults() -> int:
+    """Minor page faults of this thread so far (0 where unknown)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    except (ImportError, AttributeError, OSError):
+        return 0
+
+
 def portable(teacher: TeacherRun) -> TeacherRun:
     """The teacher run without its layer replay (which holds the driver's model), on the CPU: what
     travels to the workers through the object store."""
@@ -119,13 +152,16 @@ class ScoringWorker:
 
     The teacher run comes with every task as ``[ObjectRef]`` (only the reference travels) and is
     fetched from the object store once per process: a restarted actor gets it with the task Ray
-    retries on it, and the constructor holds no object-store argument that a restart would need."""
+    retries on it, and the constructor holds no object-store argument that a restart would need.
+    The process keeps its freed heap (`keep_heap`); `ready` also scores the unpruned model once
+    on a scorer of its own, thrown away (the first call's one-time costs, outside the search)."""
 
     def __init__(self, source: str, device: str, dtype: str, threads: int, layers: bool = False) -> None:
         from ..recipe import placement
         from ..surgery import load
         from .layerwise import LayerwiseModel
 
+        keep_heap()
         torch.set_num_threads(threads)
         self.layers = layers
         if layers:  # one decoder layer at a time from the checkpoint, as on the driver
@@ -141,8 +177,9 @@ class ScoringWorker:
             from ..fitness import LayerReplay
             from .lockstep import layerwise_evaluator
 
-            # copied into this process's memory: computing on tensors that stay in the object store's
-            # shared memory took 20-40% more CPU per candidate (measured on the testbed)
+            # copied into this process's memory (writable, the actor's own); the extra CPU once blamed
+            # on computing from the object store's shared memory was the malloc thresholds (`keep_heap`):
+            # with them, copied and zero-copy cost the same (benchmarks/ray_eval_cost.py)
             device = self.model.device if self.layers else next(self.model.parameters()).device
             run = _tensors_to(ray.get(teacher[0]), device, copy=True)
             if replay:
@@ -154,16 +191,19 @@ class ScoringWorker:
         return self.scorer
 
     def ready(self, teacher: list, replay: bool) -> int:
-        self._attach(teacher, replay)
+        """Warm up (one evaluation of the unpruned model, its scorer and cache discarded); the pid."""
+        scorer = self._attach(teacher, replay)
+        Scorer(self.model, scorer.teacher, scorer.make_evaluator).score(ScoreSpec(), [ExpertPlan({})])
         return os.getpid()
 
     def score(
         self, spec: ScoreSpec, candidates: list, teacher: list, replay: bool
-    ) -> tuple[list[FitnessResult], float, tuple[float, float], int]:
-        """(results, wall seconds, CPU seconds of (this thread, this process), pid)."""
-        t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+    ) -> tuple[list[FitnessResult], float, tuple[float, float, int], int]:
+        """(results, wall seconds, (CPU seconds of this thread, of this process, minor page faults of
+        this thread), pid)."""
+        t0, c0, p0, f0 = time.perf_counter(), time.thread_time(), time.process_time(), _faults()
         results = self._attach(teacher, replay).score(spec, candidates)
-        cpu = (time.thread_time() - c0, time.process_time() - p0)
+        cpu = (time.thread_time() - c0, time.process_time() - p0, _faults() - f0)
         return results, time.perf_counter() - t0, cpu, os.getpid()
 
     def stats(self, spec: ScoreSpec, teacher: list, replay: bool):
@@ -182,8 +222,8 @@ class RayExecutor(Executor):
 
     `timing` adds up, over `score` calls: candidates, tasks, restarts; the driver's wall seconds in
     `score`, the seconds actors spent scoring (the CPU seconds of the scoring thread and of the whole
-    actor process meanwhile), the tail seconds (a worker idle at a generation's end because nothing
-    was left for it). workers x wall - scoring - tail is the scheduling and transfer overhead."""
+    actor process meanwhile, the scoring thread's minor page faults), the tail seconds (a worker
+    idle at a generation's end because nothing was left for it). workers x wall - scoring - tail is the scheduling and transfer overhead."""
 
     kind = "ray"
 
@@ -217,7 +257,9 @@ class RayExecutor(Executor):
         self.max_restarts = max_restarts
         self.scheduler = AffinityScheduler(self.workers)
         names = "candidates tasks restarts wall_seconds worker_seconds worker_cpu_seconds tail_seconds"
-        self.timing: dict[str, float] = dict.fromkeys([*names.split(), "worker_process_cpu_seconds"], 0)
+        self.timing: dict[str, float] = dict.fromkeys(
+            [*names.split(), "worker_process_cpu_seconds", "worker_minor_faults"], 0
+        )
         self._teacher = ray.put(portable(teacher))
         actor = ray.remote(ScoringWorker).options(
             num_cpus=threads,
@@ -279,6 +321,7 @@ class RayExecutor(Executor):
                 self.timing["worker_seconds"] += seconds
                 self.timing["worker_cpu_seconds"] += cpu[0]
                 self.timing["worker_process_cpu_seconds"] += cpu[1]
+                self.timing["worker_minor_faults"] += cpu[2]
         self.timing["candidates"] += len(candidates)
         self.timing["wall_seconds"] += time.perf_counter() - t0
         self.timing["tail_seconds"] += sum(max(last) - t for t in last)  # nothing left for a worker
