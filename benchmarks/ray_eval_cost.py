@@ -1,6 +1,7 @@
 """Why an evaluation cost more CPU on a Ray actor than in the driver: the same candidates (those of a
 small EvoESAP search on the testbed), replayed on one thread in the driver, in a fresh Python
-process without Ray and in a Ray actor, each with glibc's default malloc or `keep_heap`.
+process without Ray (also two at once, each on its own core) and in a Ray actor, each with glibc's
+default malloc or `keep_heap`.
 
 Per configuration and pass (a fresh `Scorer` each pass, so every pass reuses prefixes alike): CPU
 seconds of the scoring thread per evaluation, of which system time, and minor page faults per
@@ -125,14 +126,26 @@ def main(argv: list[str] | None = None) -> None:
         path = os.path.join(tmp, "calls.pkl")
         with open(path, "wb") as f:
             pickle.dump((calls, portable(teacher), str(model_dir)), f)
-        for heap in (False, True):
-            before = f"{os.getloadavg()[0]:.1f}"
+
+        def children(heap: bool, count: int) -> list[list[dict]]:
             cmd = [sys.executable, __file__, "--child", path, "--passes", str(args.passes)] + [
                 "--keep-heap"
             ] * heap
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows = eval(next(line for line in out.splitlines() if line.startswith("ROWS"))[5:])
-            note(f"fresh process, no Ray, {'keep_heap' if heap else 'default malloc'}", rows, before)
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+            outs = [p.communicate()[0] for p in procs]
+            return [eval(next(line for line in o.splitlines() if line.startswith("ROWS"))[5:]) for o in outs]
+
+        for heap in (False, True):
+            before = f"{os.getloadavg()[0]:.1f}"
+            note(
+                f"fresh process, no Ray, {'keep_heap' if heap else 'default malloc'}",
+                children(heap, 1)[0],
+                before,
+            )
+        before = f"{os.getloadavg()[0]:.1f}"
+        both = children(True, 2)
+        mean = [{k: (a[k] + b[k]) / 2 for k in a} for a, b in zip(*both, strict=True)]
+        note("2 fresh processes at once (mean), keep_heap", mean, before)
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
 
