@@ -13,10 +13,11 @@ temporary directory, then prunes it, each run in a fresh process, and prints wal
 Goal: streaming peak RSS - import baseline <= 2x the largest input shard, and faster than in memory.
 
 With ``--passes`` it measures what runs the model instead (issue 13), in memory vs layer by layer
-(`execute.LayerwiseModel`), each in a fresh process: observe (calibration 16 x 128 tokens), the
-teacher cache (search 8 x 128 tokens, batch 8), and observe + teacher + a search (population 8,
-2 generations; layer by layer one stream for observe + teacher, one per generation); wall time,
-peak RSS, bytes read (/proc/self/io read_bytes + rchar) and the load average. Writes
+(`execute.LayerwiseModel`), each in a fresh process with ``--threads`` torch threads (default 1):
+observe (calibration 16 x 128 tokens), the teacher cache (search 8 x 128 tokens, batch 8), and
+observe + teacher + a search (population 8, 2 generations; layer by layer one stream for observe +
+teacher, one per generation); wall and CPU time, peak RSS, bytes read (/proc/self/io read_bytes +
+rchar) and the load average. Writes
 benchmarks/results/scale_layers.txt. Goals: layer-by-layer peak RSS - import baseline <= 15% of the
 checkpoint; layer-by-layer search wall time <= 1.5x in memory.
 
@@ -201,6 +202,9 @@ def main() -> None:
         "--passes", action="store_true", help="observe/teacher/search in memory vs layer by layer."
     )
     parser.add_argument("--src", type=Path, default=None, help="An existing synthetic checkpoint to reuse.")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="--passes: torch threads per run (OMP_NUM_THREADS; default 1)."
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -293,6 +297,7 @@ def layer_passes(args, work: Path) -> None:
     built = time.perf_counter() - t0
     shards = sorted(src.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the runs' torch threads
     load_before = os.getloadavg()
     runs = [("import", measure("import", src, work / "none", work / "none", "1GB"))]
     for what in ("observe", "teacher", "search"):
@@ -313,6 +318,9 @@ def layer_passes(args, work: Path) -> None:
         f"data: calibration 16 x 128 tokens (observe), search 8 x 128 tokens, batch 8 (teacher, {CACHE} cache); search = "
         "observe + teacher + EvoESAP population 8, 2 generations (layer by layer: one stream for observe + teacher, "
         "one per generation)",
+        f"torch threads per run: {args.threads} (OMP_NUM_THREADS; with one, another job on the shared machine slows "
+        "both modes alike: with two, such a job stalled OpenMP's barriers, most of all in the many small expert "
+        "matmuls, and a layer-by-layer search once took 12x the in-memory one)",
         f"load average (1, 5, 15 min) before: {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}, after: "
         f"{load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f} (a shared 2-core machine: wall times are noisy)",
         "peak RSS = VmHWM; 'over import' = peak RSS - the import-only process's; read = /proc/self/io read_bytes "

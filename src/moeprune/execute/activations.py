@@ -29,6 +29,8 @@ class Activations:
             self.bytes += size
             return key
         if self._dir is None:
+            if self.folder is not None:
+                Path(self.folder).mkdir(parents=True, exist_ok=True)
             self._dir = tempfile.TemporaryDirectory(prefix="moeprune-activations-", dir=self.folder)
         path = Path(self._dir.name) / f"{key}.pt"
         torch.save(tensor.clone(), path)

@@ -52,6 +52,7 @@ from ..surgery import mask_experts
 from ..surgery.checkpoint import _model_class, _read_config
 from ..surgery.streaming import OnDiskLayout, Stored, local_checkpoint, read_header, weight_files
 from .activations import Activations
+from .budget import memory_budget
 from .native import prepare_process, trim, weights_mmapped
 from .weights import read_stored, resolve_dtype
 
@@ -99,7 +100,8 @@ class LayerwiseModel:
 
     ``device``: where units run (``cpu``, ``cuda``, ``cuda:1``); ``dtype``: ``auto`` (the
     checkpoint's), ``float32``, ``bfloat16`` or ``float16``; ``activation_bytes``: hidden states
-    held in host memory before further ones are spilled to files in ``spill_dir``."""
+    held in host memory before further ones are spilled to files in ``spill_dir`` (``auto``: a
+    quarter of the host's available memory; None: never spilled)."""
 
     runs_layer_by_layer = True  # what the observer and the evaluation functions test for
 
@@ -109,7 +111,7 @@ class LayerwiseModel:
         *,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "auto",
-        activation_bytes: int | None = None,
+        activation_bytes: int | str | None = "auto",
         spill_dir: str | Path | None = None,
         progress: bool = False,
     ) -> None:
@@ -148,6 +150,8 @@ class LayerwiseModel:
         self.replay = LayerReplay(model)  # families whose stack cannot be replayed are refused here
         self.moe_indices = [layer.index for layer in moe_layers(model)]
         self.progress = progress
+        if activation_bytes == "auto":  # a quarter of what the host has free now
+            activation_bytes = memory_budget("cpu") // 4
         self.activation_bytes, self.spill_dir = activation_bytes, spill_dir
         self.bytes_read = 0
         self._conversions = get_model_conversion_mapping(model)

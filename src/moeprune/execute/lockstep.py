@@ -21,7 +21,6 @@ from ..fitness.totals import FitnessResult, Totals
 from ..plan import ExpertPlan
 from ..surgery import mask_experts
 from .layerwise import LayerwiseModel
-from .native import trim
 
 
 def layerwise_evaluator(lm: LayerwiseModel, teacher: TeacherRun, spec) -> LayerwiseEvaluator:
@@ -104,7 +103,6 @@ class LayerwiseEvaluator(CandidateEvaluator):
                     result = totals.result(self.fitness)
                     for c in members:
                         results[c] = result
-                    trim()  # the (rows, V) temporaries of the head go back before the next leaf
         finally:
             store.close()
         n = self.replay.num_layers

@@ -9,8 +9,7 @@ docs/layers.md):
   intermediate is then mmapped and faulted in anew. So the threshold is 1 MiB only while a unit's
   weights are allocated (`weights_mmapped`) and 32 MiB while it runs; and `trim` hands the heap's
   free pages back to the operating system when a unit is freed (a checkpoint's per-expert tensors
-  are below 1 MiB: they are heap chunks, freed once fused) and after each leaf's head in a lockstep
-  evaluation (its (rows, vocabulary) temporaries).
+  are below 1 MiB: they are heap chunks, freed once fused).
 - oneDNN (torch's CPU kernels for bf16/fp16 matmuls) builds one primitive per distinct shape,
   ~0.56 MB each whatever the weights' size, and keeps up to 1024 of them in each of two caches
   (oneDNN's and ideep's). The experts' matmuls have one shape per token count, which changes with
