@@ -155,16 +155,22 @@ def test_layerwise_teacher_and_esap_equal_in_memory(family, cache, saved):
     assert layerwise.shared_runs > 0, "plans with the same first masks share their first layers"
 
 
-def test_one_pass_observes_and_runs_the_teacher(saved):
-    """Statistics and the teacher cache from one stream of the checkpoint: each unit read once."""
+@pytest.mark.parametrize("prefetch", [False, True], ids=["one-layer", "prefetch"])
+def test_one_pass_observes_and_runs_the_teacher(saved, prefetch):
+    """Statistics and the teacher cache from one stream of the checkpoint: each unit read once (with
+    `prefetch`, the next layer read in a background thread while one runs)."""
     path = saved("qwen3_moe")
-    lm = LayerwiseModel(path)
+    lm = LayerwiseModel(path, prefetch=prefetch)
     stats, teacher = lm.run_pass(calibration=tokens(), batch_size=2, search=search_set(), top_k=8)
     assert_same_stats(stats, observe(load(path), tokens(), batch_size=2, progress=False))
     reference = run_teacher(load(path), search_set(), top_k=8)
     assert torch.equal(teacher.cache.slices[0].top_ids, reference.cache.slices[0].top_ids)
     once = sum(lm.unit_bytes(u) for u in lm.units)
     assert lm.bytes_read == once
+    for j in lm._layers("stops early"):  # a stream that stops early frees the layer read ahead too
+        if j == 1:
+            break
+    assert all(p.is_meta for p in lm.model.parameters())
 
 
 def test_activations_spill_to_files_past_their_budget(saved, tmp_path):
