@@ -106,7 +106,8 @@ def _interrupt(error: BaseException | None):
 def run_command(app, console) -> None:
     """Run the typer `app` and exit: user errors (`MoepruneError`) and usage errors are one line on
     `console` (stderr) and exit code 2; Ctrl-C / SIGTERM say what was kept and exit 128 + signal; a bug
-    keeps its traceback (exit 1)."""
+    keeps its traceback (exit 1). torch's OpenMP threads sleep at barriers instead of spinning, unless
+    the user chose (OMP_WAIT_POLICY): spinning threads stall on a busy machine (benchmarks/threads.py)."""
     import signal
 
     from rich.markup import escape
@@ -117,6 +118,7 @@ def run_command(app, console) -> None:
     def fail(message: str) -> None:
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
     usage, aborts, exits = _exception_types()
     quiet_third_party(console)
     try:
