@@ -6,8 +6,8 @@ change the MoE layers 0..j-1 alike (the same removed sets, and for EEP merge pla
 `changes.LayerChange.key`) share one hidden state at layer j (a prefix tree: node = those changes,
 children = the distinct changes of layer j), so layer j runs once per distinct prefix of length j,
 not once per plan. A merge plan's merged experts are computed from the loaded layer's weights while
-it runs (`changes.applied`). The head (final norm -> LM head -> fitness) runs on
-the scored rows of each leaf. A search hands a whole generation to one call (`Executor.score`).
+it runs (`changes.applied`). The head (final norm -> LM head -> fitness) runs on the scored rows of
+each leaf. A search hands a whole generation to one call (`Executor.score`).
 """
 
 from __future__ import annotations
