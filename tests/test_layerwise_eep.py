@@ -158,10 +158,11 @@ def test_recipe_takes_eep_merging_and_fewer_experts_layer_by_layer():
     assert (r.mode, r.eep.merge_iterations, r.eep.active_experts) == ("layers", 3, 1)
 
 
-def test_eep_merge_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path):
+def test_eep_merge_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path, capsys, monkeypatch):
     """EEP with merging and fewer active experts in mode layers (selection and merge searches layer by
     layer, held-out ESAP of the merged result, streamed merging surgery) == the same run in memory:
-    merges, histories, evaluation, and the checkpoint's tensors and config."""
+    merges, histories, evaluation, and the checkpoint's tensors and config; mode auto goes layer by
+    layer by itself when the model does not fit."""
     _, _, model_dir, data_dir, _ = testbed
     search = {"data": str(data_dir / "search.jsonl"), "samples": 2, "seq_len": 32}
     options = dict(sparsity=0.5, population=4, iterations=2, merge_population=3, merge_iterations=2)
@@ -188,6 +189,13 @@ def test_eep_merge_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert torch.allclose(got[k].float(), v.float(), rtol=1e-2, atol=1e-3), k
+    capsys.readouterr()
+    monkeypatch.setenv("MOEPRUNE_MEMORY_BUDGET", "1MB")
+    options |= dict(evaluate=None)
+    api.eep(model_dir, tmp_path / "auto", **options)
+    assert "running it layer by layer" in capsys.readouterr().err
+    for name in ("merging.json", "eep_history.json"):
+        assert (tmp_path / "auto" / name).read_text() == (dirs["memory"] / name).read_text()
 
 
 def test_cli_eep_prune_merges_with_device_layers(run_cli, tmp_path):
