@@ -48,7 +48,7 @@ class LayerChange:
         anchors = set(merge.anchors)
         removed = tuple(e for e in range(num_experts) if e not in anchors)
         h = hashlib.sha256(repr(tuple(merge.anchors)).encode())
-        h.update(np.ascontiguousarray(merge.weights.double().numpy(), dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(merge.weights.detach().double().cpu().numpy(), dtype="<f8").tobytes())
         return cls(removed, merge, (removed, h.hexdigest()))
 
 
