@@ -276,11 +276,9 @@ def test_device_layers_is_mode_layers():
     assert (r.device, r.mode) == ("cpu", "layers")
     r = Recipe.build(base | {"device": "cuda:1:layers"})
     assert (r.device, r.mode) == ("cuda:1", "layers")
-    eep = base | {"allocation": "eep", "search": {"data": {"data": "s.jsonl"}}, "mode": "layers"}
     refused = {
         "cannot go with mode memory": base | {"device": "layers", "mode": "memory"},
         "not an accelerate device map": base | {"device": "auto", "mode": "layers"},
-        "EEP merging and fewer active experts": eep | {"eep": {"merge_iterations": 3}},
         "lm-eval tasks need the model in memory": base
         | {"mode": "layers", "evaluate": {"lm_eval": ["moeprune_mc"]}},
     }

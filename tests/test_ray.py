@@ -107,6 +107,12 @@ def test_mode_layers_on_two_workers_equals_local(cluster, files, tmp_path):
     )
     assert executor["kind"] == "ray"
     assert (plan, history) == exact[:2]
+    # EEP with merging and fewer active experts: the actors score merge plans layer by layer too
+    options = dict(racing=False, active_experts=1)
+    layers = eep(
+        files, tmp_path / "eep", device="layers", executor="ray", workers=2, ray_address=cluster, **options
+    )
+    assert layers == eep(files, tmp_path / "eep-local", **options)
 
 
 def test_worker_sigkill_mid_generation_same_plan(cluster, files, local, tmp_path, monkeypatch):

@@ -320,12 +320,10 @@ class Recipe(_Strict):
         return self
 
     def _layers_can_run(self) -> None:
-        """What mode layers cannot do: it runs on one device, and every candidate and evaluation
-        changes only routing (on-policy search data is refused by the run, which reads the rows)."""
+        """What mode layers cannot do: it runs on one device, and lm-eval needs the model in memory
+        (on-policy search data is refused by the run, which reads the rows)."""
         if self.device.startswith("auto"):
             raise ValueError("mode layers runs on one device (cpu, cuda, ...), not an accelerate device map")
-        if self.eep is not None and (self.eep.merge_iterations or self.eep.active_experts):
-            raise ValueError("mode layers: EEP merging and fewer active experts need the model in memory")
         if self.evaluate is not None and self.evaluate.lm_eval:
             raise ValueError("mode layers: lm-eval tasks need the model in memory; evaluate the suite only")
 

@@ -34,8 +34,9 @@ class ScoreSpec:
 
     Candidates are `ExpertPlan`s (scored by masking), or with ``merged`` merge plans
     (``{layer: merge.merging.LayerMerge}``: the merged weights are written into the anchors, the
-    others masked). With ``slice`` = (start, stop) they are scored on search batches start..stop-1
-    only and the results keep their per-token values (a racing slice, `execute.slices`)."""
+    others masked; layer by layer, into each loaded layer in the evaluator's lockstep). With
+    ``slice`` = (start, stop) they are scored on search batches start..stop-1 only and the results
+    keep their per-token values (a racing slice, `execute.slices`)."""
 
     fitness: str = "esap"
     candidate_batch: int = 1  # candidates stacked into one forward (`CandidateEvaluator.evaluate_many`)
@@ -85,13 +86,14 @@ class Scorer:
         from ..merge.merging import expert_plan, merged_weights
 
         evaluator = self.evaluator(spec)
-        with reduced_active_experts(self.model, spec.active_experts):
-            if not spec.merged:
+        model = evaluator.model  # the module it runs (layer by layer: the skeleton its layers load into)
+        with reduced_active_experts(model, spec.active_experts):
+            if not spec.merged or getattr(evaluator, "scores_merges", False):
                 return evaluator.evaluate_many(list(candidates))
             results = []
             for plan in candidates:
-                with merged_weights(self.model, plan):
-                    results.append(evaluator.evaluate(expert_plan(self.model, plan)))
+                with merged_weights(model, plan):
+                    results.append(evaluator.evaluate(expert_plan(model, plan)))
             return results
 
     def stats(self, spec: ScoreSpec) -> tuple[ReuseStats, int]:

@@ -22,7 +22,8 @@ A pass over the decoder stack:
 
 Every statistic and score is computed by the same code, on the same inputs, as in memory: the
 observer's hooks (installed per MoE block) see layer j's batches in the same order; masking a
-candidate patches only the router of the layer that runs. `lockstep.LayerwiseEvaluator` scores a
+candidate patches only the router of the layer that runs, and an EEP merge writes the merged experts
+into that layer's loaded weights only (`changes`). `lockstep.LayerwiseEvaluator` scores a
 generation's candidates in lockstep: each generation streams the layers once, candidates that agree
 on their masks in layers 0..j-1 share one hidden state at layer j (a prefix tree), and the weight I/O
 is paid once per generation, not once per candidate.
@@ -48,12 +49,11 @@ from ..fitness.evaluator import TeacherRun
 from ..fitness.replay import BatchRecord, LayerReplay
 from ..fitness.searchset import SearchSet
 from ..fitness.teacher import CACHE_KINDS, TeacherCache, teacher_slice
-from ..plan import ExpertPlan
-from ..surgery import mask_experts
 from ..surgery.checkpoint import _model_class, _read_config
 from ..surgery.streaming import OnDiskLayout, Stored, local_checkpoint, read_header, weight_files
 from .activations import Activations
 from .budget import memory_budget
+from .changes import NO_CHANGE, Candidate, applied, as_candidate, layer_changes
 from .native import prepare_process, trim, weights_mmapped
 from .weights import read_stored, resolve_dtype
 
@@ -196,16 +196,21 @@ class LayerwiseModel:
                 f"({len(missing)} tensors of the model unaccounted for)"
             )
         self._loaded: set[Unit] = set()
-        self.plan: ExpertPlan | None = None  # the mask `batch_logits` applies by default (`masked`)
+        self.plan: Candidate | None = None  # what `batch_logits` applies by default (`masked`)
 
     @contextmanager
-    def masked(self, plan: ExpertPlan | dict | None) -> Iterator[LayerwiseModel]:
+    def masked(self, plan, active_experts: int | None = None) -> Iterator[LayerwiseModel]:
         """Within the block, forwards (`batch_logits`, so perplexity and multiple choice) compute what
-        the model pruned by `plan` computes (exact masking, as `surgery.mask_experts`)."""
+        the model pruned by `plan` computes (exact masking, as `surgery.mask_experts`), or with an EEP
+        merge plan (``{layer: LayerMerge}``) what the merged model computes (`changes`); with
+        `active_experts` every token is routed to that many experts (`merge.active`)."""
+        from ..merge.active import reduced_active_experts
+
         old = self.plan
-        self.plan = plan if plan is None or isinstance(plan, ExpertPlan) else ExpertPlan.from_removed(plan)
+        self.plan = None if plan is None else as_candidate(plan)
         try:
-            yield self
+            with reduced_active_experts(self.model, active_experts):
+                yield self
         finally:
             self.plan = old
 
@@ -514,19 +519,19 @@ class LayerwiseModel:
 
     @torch.inference_mode()
     def batch_logits(
-        self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], plan: ExpertPlan | None = None
+        self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], plan: Candidate | None = None
     ) -> Iterator[torch.Tensor]:
         """Logits (B, L, V) of each (input ids, attention mask) batch, in order, from one stream of
-        the layers (masked by `plan`); the head runs batch by batch as the caller takes them."""
+        the layers (masked, or merged, by `plan`: `changes`); the head runs batch by batch as the
+        caller takes them."""
         plan = plan if plan is not None else self.plan
-        removed = {} if plan is None else {m: sorted(r) for m, r in plan.removed.items() if r}
+        changes = {} if plan is None else layer_changes(plan)
         records = self.record(batches)
         store = self._store()
         try:
             keys = [store.put(r.layer0_input) for r in records]
             for j in self._layers("forward"):
-                masked = ExpertPlan.from_removed({j: removed[j]}) if j in removed else None
-                with mask_experts(self.model, masked) if masked is not None else nullcontext():
+                with applied(self.model, j, changes.get(j, NO_CHANGE)):
                     keys = self._run(j, store, keys, records)
             with self.loaded("head"):
                 for key in keys:

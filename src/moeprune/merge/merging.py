@@ -95,7 +95,7 @@ def _merge_tensor(block: nn.Module, path: str, merge: LayerMerge, patches: Patch
     index = torch.tensor(merge.anchors, device=tensor.device)
     with torch.no_grad():
         if patches is not None:
-            original = tensor.index_select(0, index).clone()
+            original = tensor.index_select(0, index)  # a copy
             patches.on_restore(lambda: tensor.data.index_copy_(0, index, original))
         tensor.data.index_copy_(0, index, _merged(tensor.data, merge))
 

@@ -226,7 +226,7 @@ class RunContext:
         from ..execute.budget import layers_notice
         from ..surgery.streaming import local_checkpoint
 
-        spec, e = self.spec, self.spec.eep
+        spec = self.spec
         if spec.mode == "layers":
             if local_checkpoint(self.source) is None:
                 raise MoepruneError(
@@ -239,11 +239,7 @@ class RunContext:
                     "continuations; give text search data, or continue the prompts with a model that fits"
                 )
             return True, None
-        in_memory_only = (
-            on_policy
-            or (e is not None and (e.merge_iterations or e.active_experts))
-            or (spec.evaluate is not None and spec.evaluate.lm_eval)
-        )
+        in_memory_only = on_policy or (spec.evaluate is not None and spec.evaluate.lm_eval)
         if spec.mode != "auto" or in_memory_only:
             return False, None  # needs the model in memory: the load says what does not fit
         notice = layers_notice(self.source, spec.device, spec.dtype)

@@ -162,7 +162,7 @@ def eep(ctx: RunContext) -> Choice:
     merges = None
     if e.merge_iterations > 0:
         merged = merge_into_anchors(
-            ctx.model, ctx.teacher, result.best, fitness=search.fitness, population=e.merge_population,
+            ctx.search_model, ctx.teacher, result.best, fitness=search.fitness, population=e.merge_population,
             iterations=e.merge_iterations, seed=s.seed, active_experts=e.active_experts, state_path=states[1],
             **common,
         )  # fmt: skip

@@ -116,7 +116,8 @@ def save_checkpoint(
 
 def _layerwise_columns(ctx: RunContext, choice: Choice) -> dict[str, dict]:
     """The recipe's evaluation layer by layer: every column by exact masking (what the streamed
-    surgery writes is what masking computes), held-out ESAP against a dense teacher."""
+    surgery writes is what masking computes; EEP's merges written into each loaded layer, and its
+    fewer active experts, for the chosen column), held-out ESAP against a dense teacher."""
     from ..execute import LayerwiseEvaluator
 
     ev, lm = ctx.spec.evaluate, ctx.layers
@@ -129,16 +130,17 @@ def _layerwise_columns(ctx: RunContext, choice: Choice) -> dict[str, dict]:
         plans["unpruned"] = ExpertPlan({})
         if choice.uniform is not None and choice.label != "uniform":
             plans["uniform"] = choice.uniform
-    plans[choice.label] = choice.plan
+    plans[choice.label] = choice.merges if choice.merges is not None else choice.plan
     columns = {}
     for name, plan in plans.items():
         result: dict = {}
-        if heldout is not None:
-            result["heldout_esap"] = heldout.evaluate(plan).value
-        if ev.suite is not None:
-            from ..evaluate import evaluate_model
+        active = choice.active_experts if name == choice.label else None
+        with lm.masked(plan, active_experts=active):
+            if heldout is not None:
+                result["heldout_esap"] = heldout.evaluate(plan).value
+            if ev.suite is not None:
+                from ..evaluate import evaluate_model
 
-            with lm.masked(plan):
                 result |= evaluate_model(
                     lm, ctx.tokenizer, suite=ev.suite, max_items=ev.max_items,
                     max_tokens_per_domain=ev.max_tokens_per_domain,
@@ -158,7 +160,7 @@ def _streaming(ctx: RunContext, choice: Choice):
     from ..surgery.streaming import StreamingPrune, local_checkpoint
 
     spec = ctx.spec
-    if spec.mode == "memory" or ctx.model_loaded or choice.active_experts is not None:
+    if spec.mode == "memory" or ctx.model_loaded:
         return None
     if local_checkpoint(ctx.source) is None:
         if spec.mode == "stream":
@@ -167,7 +169,10 @@ def _streaming(ctx: RunContext, choice: Choice):
             )
         return None
     plan = choice.plan if choice.merges is None else None
-    return StreamingPrune(ctx.source, plan, merges=choice.merges)
+    rewrite = StreamingPrune(ctx.source, plan, merges=choice.merges)
+    if choice.active_experts is not None:  # the config the rewrite writes routes to fewer experts
+        set_active_experts_(rewrite.model, choice.active_experts)
+    return rewrite
 
 
 def run(
