@@ -255,16 +255,26 @@ def test_layerwise_perplexity_and_multiple_choice_equal_in_memory(testbed):
     rows = read_jsonl(data_dir / "test.jsonl")[:40]
     items = read_jsonl(data_dir / "multiple_choice.jsonl")[:12]
     with mask_experts(model, plan):
-        ppl = perplexity_by_domain(model, tok, rows, max_tokens_per_domain=600, seq_len=128)
-        mc = multiple_choice_accuracy(model, tok, items, return_predictions=True)
+        in_memory = evaluations(model, tok, rows, items, max_tokens_per_domain=600, seq_len=128)
     with lm.masked(plan):
-        ppl_l = perplexity_by_domain(lm, tok, rows, max_tokens_per_domain=600, seq_len=128)
-        mc_l = multiple_choice_accuracy(lm, tok, items, return_predictions=True)
-    assert ppl_l.keys() == ppl.keys()
-    for domain, r in ppl.items():
-        assert ppl_l[domain]["tokens"] == r["tokens"]
-        assert ppl_l[domain]["nll"] == pytest.approx(r["nll"], abs=1e-6)
-    assert mc_l == mc
+        assert_same_evaluations(
+            evaluations(lm, tok, rows, items, max_tokens_per_domain=600, seq_len=128), in_memory
+        )
+
+
+def evaluations(model, tok, rows, items, **ppl_options) -> tuple[dict, object]:
+    """(perplexity by domain, multiple-choice predictions) of `model` as it is now."""
+    ppl = perplexity_by_domain(model, tok, rows, **ppl_options)
+    return ppl, multiple_choice_accuracy(model, tok, items, return_predictions=True)
+
+
+def assert_same_evaluations(got: tuple[dict, object], want: tuple[dict, object]) -> None:
+    """Same tokens per domain, NLL to 1e-6, the same multiple-choice predictions."""
+    assert got[0].keys() == want[0].keys()
+    for domain, r in want[0].items():
+        assert got[0][domain]["tokens"] == r["tokens"]
+        assert got[0][domain]["nll"] == pytest.approx(r["nll"], abs=1e-6)
+    assert got[1] == want[1]
 
 
 # --- recipe, CLI and the automatic choice ------------------------------------------------------------

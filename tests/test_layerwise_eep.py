@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from moeprune import api
 from moeprune.arch import moe_layers
-from moeprune.evaluate import multiple_choice_accuracy, perplexity_by_domain
 from moeprune.evaluate.suite import read_jsonl
 from moeprune.execute import LayerwiseModel, LocalExecutor, ScoreSpec, layerwise_evaluator
 from moeprune.fitness import SearchSet, run_teacher
@@ -25,6 +24,7 @@ from moeprune.recipe import Recipe
 from moeprune.surgery import load
 from moeprune.testbed import load_testbed, token_split
 from moeprune.testbed import testbed_dirs as bundled_testbed
+from test_layerwise import assert_same_evaluations, evaluations
 from test_merging import random_merge
 from tiny_models import tiny_model
 
@@ -134,16 +134,11 @@ def test_layerwise_perplexity_and_multiple_choice_of_a_merge(testbed):
     items = read_jsonl(data_dir / "multiple_choice.jsonl")[:8]
     with reduced_active_experts(model, 3), merged_weights(model, plan):
         with mask_experts(model, expert_plan(model, plan)):  # the masked routers take the lower top-k
-            ppl = perplexity_by_domain(model, tok, rows, max_tokens_per_domain=300, seq_len=64)
-            mc = multiple_choice_accuracy(model, tok, items, return_predictions=True)
+            in_memory = evaluations(model, tok, rows, items, max_tokens_per_domain=300, seq_len=64)
     with lm.masked(plan, active_experts=3):
-        ppl_l = perplexity_by_domain(lm, tok, rows, max_tokens_per_domain=300, seq_len=64)
-        mc_l = multiple_choice_accuracy(lm, tok, items, return_predictions=True)
-    assert ppl_l.keys() == ppl.keys()
-    for domain, r in ppl.items():
-        assert ppl_l[domain]["tokens"] == r["tokens"]
-        assert ppl_l[domain]["nll"] == pytest.approx(r["nll"], abs=1e-6)
-    assert mc_l == mc
+        assert_same_evaluations(
+            evaluations(lm, tok, rows, items, max_tokens_per_domain=300, seq_len=64), in_memory
+        )
 
 
 # --- recipe, CLI and a whole run ---------------------------------------------------------------------
