@@ -51,6 +51,7 @@ from ..fitness.searchset import SearchSet
 from ..fitness.teacher import CACHE_KINDS, TeacherCache, teacher_slice
 from ..surgery.checkpoint import _model_class, _read_config
 from ..surgery.streaming import OnDiskLayout, Stored, local_checkpoint, read_header, weight_files
+from . import direct
 from .activations import Activations
 from .budget import memory_budget
 from .changes import NO_CHANGE, Candidate, applied, as_candidate, layer_changes
@@ -160,7 +161,8 @@ class LayerwiseModel:
         if activation_bytes == "auto":  # a quarter of what the host has free now
             activation_bytes = memory_budget("cpu") // 4
         self.activation_bytes, self.spill_dir = activation_bytes, spill_dir
-        self.bytes_read = 0
+        self.bytes_read = 0  # read to load units
+        self.learn_bytes = 0  # read again to learn `direct` recipes (two layers per layer signature)
         self._conversions = get_model_conversion_mapping(model)
         self._dtype_plan = model._get_dtype_plan(self.dtype)
         layout = OnDiskLayout(model, moe_layers(model))
@@ -195,6 +197,7 @@ class LayerwiseModel:
                 f"the checkpoint in {root} has no tensor that loads into '{missing[0]}' "
                 f"({len(missing)} tensors of the model unaccounted for)"
             )
+        self._recipes = direct.Recipes()  # decoder layers read straight into place (`direct`)
         self._loaded: set[Unit] = set()
         self.plan: Candidate | None = None  # what `batch_logits` applies by default (`masked`)
 
@@ -254,14 +257,35 @@ class LayerwiseModel:
             module._buffers[leaf] = value
 
     def _load(self, unit: Unit, *, background: bool = False) -> None:
-        """Read `unit`'s tensors and convert them into the skeleton. `background`: while another unit
-        runs (glibc's mmap threshold is process-wide, so it is left as it is: see `native`)."""
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
+        """Read `unit`'s tensors into the skeleton: a decoder layer by its `direct` recipe once one is
+        trusted, else by transformers' loader (whose result a recipe is learned from). `background`:
+        while another unit runs (glibc's mmap threshold is process-wide, so it is left as it is: see
+        `native`)."""
         names = self.units[unit]
         if not names:
             return
+        own = [n for n in names if n in self._disk]
+        sig = None
+        if isinstance(unit, int) and len(own) == len(names):
+            sig = direct.signature(own, self._keys(unit), unit)
+        recipe = self._recipes.get(sig)
+        with nullcontext() if background else weights_mmapped():
+            if recipe is not None and direct.keys_of(recipe, unit) == set(self._keys(unit)):
+                for name, tensor in direct.load(recipe, unit, self.stored).items():
+                    self._set(name, tensor.to(self.device))
+                self.bytes_read += self.unit_bytes(unit)
+                return
+            self._convert(unit, names)
+        if self._recipes.wants(sig, unit):
+            tensors = {n: get_path(self.model, n) for n in own}
+            self._recipes.add(sig, unit, direct.learn(tensors, self._disk, self.stored, unit))
+            self.learn_bytes += self.unit_bytes(unit)
+
+    def _convert(self, unit: Unit, names: list[str]) -> None:
+        """`unit`'s tensors read and converted by transformers' loader."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
         state = {k: _Lazy(self.stored[k], self) for k in self._keys(unit)}
         config = LoadStateDictConfig(
             dtype=self.dtype,
@@ -269,7 +293,7 @@ class LayerwiseModel:
             device_map={"": str(self.device)},
             weight_mapping=self._conversions,
         )
-        with _quiet_loading(), nullcontext() if background else weights_mmapped():
+        with _quiet_loading():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         for target in names:
             source = self._tied.get(target)
