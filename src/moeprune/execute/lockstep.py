@@ -21,6 +21,10 @@ from ..fitness.totals import FitnessResult, Totals
 from .changes import NO_CHANGE, Candidate, LayerChange, applied, as_candidate, layer_changes
 from .layerwise import LayerwiseModel
 
+# Scored rows' float32 (rows, V) work on a CPU in pieces of this size (`CandidateEvaluator.head_piece`):
+# with 256-row chunks it held ~6 x 33 MB at once (vocabulary 32k), the peak of a search stream.
+HEAD_PIECE_BYTES = 8 * 2**20
+
 
 def layerwise_evaluator(lm: LayerwiseModel, teacher: TeacherRun, spec) -> LayerwiseEvaluator:
     """The evaluator of a `base.ScoreSpec` on a model executed layer by layer (the `Scorer`'s factory
@@ -50,6 +54,8 @@ class LayerwiseEvaluator(CandidateEvaluator):
         )  # fmt: skip
         self.lm = lm
         self.device = lm.device
+        if lm.device.type == "cpu":  # the head's float32 temporaries: the peak of a stream on a CPU
+            self.head_piece = max(1, HEAD_PIECE_BYTES // (4 * vocab))
         self.full_forward = False  # the teacher run carries every layer's call arguments
         self.shared_runs = 0  # (layer, batch set) runs saved by sharing prefixes
 

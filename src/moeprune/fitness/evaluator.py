@@ -322,6 +322,7 @@ class CandidateEvaluator:
             vocab = model.config.get_text_config().vocab_size
             head_rows = head_rows_for(self.device, vocab)
         self.head_rows = head_rows  # scored rows per log-softmax; None = all of a batch's at once
+        self.head_piece: int | None = None  # rows per float32 step within a chunk (`_score_rows`)
         self.fitness: Fitness = FITNESS.get(fitness)
         self.replay = run.replay
         self.replay_fallback = run.replay_fallback
@@ -530,22 +531,33 @@ class CandidateEvaluator:
 
     def _score_rows(self, b: int, rows: torch.Tensor, totals: Totals, *, head: bool) -> None:
         """Add the fitness of batch b's scored rows to `totals`; rows are hidden states (n_b, H) when
-        `head`, logits (n_b, V) otherwise."""
+        `head`, logits (n_b, V) otherwise. The head's matmuls run `head_rows` rows at a time; the
+        float32 work after them (log-softmax, the teacher's softmax, the fitness: ~6 (c, V) float32
+        temporaries) `head_piece` rows at a time when set (per-row values: the same results, less
+        memory; each chunk's values are summed as one)."""
         teacher, labels = self.teacher.slices[b], self.labels[b]
         step = self.head_rows or rows.shape[0]
         for i in range(0, rows.shape[0], step):
             j = min(i + step, rows.shape[0])
             logits = self.replay.head(rows[i:j]) if head else rows[i:j]  # (c, V)
-            logq = torch.log_softmax(logits.float(), dim=-1)
-            totals.add(*self.fitness.fn(logq, self._teacher_rows(teacher, i, j), labels[i:j]))
-
-    def _teacher_rows(self, teacher: TeacherSlice, start: int, stop: int) -> TeacherSlice:
-        """The teacher on scored tokens start..stop-1; a hidden cache recomputes p = softmax(head(h))."""
-        rows = teacher.rows(start, stop)
-        if rows.hidden is None:
-            return rows
-        logits = self.replay.logits_from_normed(rows.hidden)  # (c, V)
-        return TeacherSlice(probs=torch.softmax(logits.float(), dim=-1))
+            cached = teacher.rows(i, j)
+            taught = (
+                None if cached.hidden is None else self.replay.logits_from_normed(cached.hidden)
+            )  # (c, V)
+            piece = self.head_piece or j - i
+            terms = []
+            for k in range(0, j - i, piece):
+                m = min(k + piece, j - i)
+                t = (
+                    cached.rows(k, m)
+                    if taught is None
+                    else TeacherSlice(probs=torch.softmax(taught[k:m].float(), -1))
+                )
+                logq = torch.log_softmax(logits[k:m].float(), dim=-1)
+                terms.append(self.fitness.fn(logq, t, labels[i + k : i + m]))
+            totals.add(
+                *(None if parts[0] is None else torch.cat(parts) for parts in zip(*terms, strict=True))
+            )
 
     @torch.inference_mode()
     def plain_forward_seconds(self, repeats: int = 1) -> float:
