@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from ..arch import MoELayer
 from ..merge.merging import LayerMerge, merged_weights
 from ..plan import ExpertPlan
 from ..surgery import mask_experts
@@ -79,12 +80,14 @@ def layer_changes(candidate) -> dict[int, LayerChange]:
 
 
 @contextmanager
-def applied(model: nn.Module, layer: int, change: LayerChange) -> Iterator[None]:
+def applied(model: nn.Module, layer: int, change: LayerChange, moe: MoELayer | None = None) -> Iterator[None]:
     """Within the block, decoder layer `layer` of `model` (its weights loaded) computes what it
-    computes in the candidate: merged anchors, the others masked."""
+    computes in the candidate: merged anchors, the others masked. `moe`: that layer's `MoELayer`
+    (the mask is then checked against it alone, not against every layer of the model)."""
     with ExitStack() as stack:
         if change.merge is not None:
             stack.enter_context(merged_weights(model, {layer: change.merge}))
         if change.removed:
-            stack.enter_context(mask_experts(model, ExpertPlan.from_removed({layer: change.removed})))
+            only = None if moe is None else [moe]
+            stack.enter_context(mask_experts(model, ExpertPlan.from_removed({layer: change.removed}), only))
         yield

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..arch import moe_layers
 from ..fitness.evaluator import CandidateEvaluator, TeacherRun, head_rows_for
 from ..fitness.totals import FitnessResult, Totals
 from .changes import NO_CHANGE, Candidate, LayerChange, applied, as_candidate, layer_changes
@@ -75,6 +76,7 @@ class LayerwiseEvaluator(CandidateEvaluator):
             return []
         moe = set(self.moe_indices)
         changes = [{j: c for j, c in layer_changes(p).items() if j in moe} for p in plans]
+        layer = {m.index: m for m in moe_layers(self.model)}  # masks check only the layer that runs
         lm, store = self.lm, self.lm._store()
         try:
             # prefix tree: (changes of the MoE layers run so far) -> (member plans, hidden-state keys)
@@ -89,7 +91,7 @@ class LayerwiseEvaluator(CandidateEvaluator):
                         change = changes[c].get(j, NO_CHANGE)
                         split.setdefault(change.key, (change, []))[1].append(c)
                     for key_j, (change, subset) in split.items():
-                        with applied(self.model, j, change):
+                        with applied(self.model, j, change, layer.get(j)):
                             out = []
                             for b, key in enumerate(keys):
                                 h = store.get(key).to(self.device)

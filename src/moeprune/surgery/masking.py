@@ -189,15 +189,18 @@ def _stacked_forward(layer: MoELayer, forwards: list):
 
 
 @contextmanager
-def mask_stacked(model: nn.Module, plans: list[ExpertPlan | dict]) -> Iterator[list[dict[int, list[int]]]]:
+def mask_stacked(
+    model: nn.Module, plans: list[ExpertPlan | dict], layers: list[MoELayer] | None = None
+) -> Iterator[list[dict[int, list[int]]]]:
     """Within the block, rows block c of every forward (dim 0 split into ``len(plans)`` equal blocks)
     is computed exactly as the model pruned by ``plans[c]`` computes it; yields the kept ids per plan.
+    `layers`: the MoE layers to mask and check the plans against (default: all of the model's).
 
     With one plan this is `mask_experts`. Patches are removed on exit, even on error."""
     plans = [p if isinstance(p, ExpertPlan) else ExpertPlan.from_removed(p) for p in plans]
     if not plans:
         raise ValueError("mask_stacked needs at least one plan")
-    layers = moe_layers(model)
+    layers = moe_layers(model) if layers is None else layers
     kept = [validate_plan(model, p, layers) for p in plans]
     with Patches() as patches:
         for layer in layers:
@@ -225,10 +228,13 @@ def mask_stacked(model: nn.Module, plans: list[ExpertPlan | dict]) -> Iterator[l
 
 
 @contextmanager
-def mask_experts(model: nn.Module, plan: ExpertPlan | dict) -> Iterator[dict[int, list[int]]]:
+def mask_experts(
+    model: nn.Module, plan: ExpertPlan | dict, layers: list[MoELayer] | None = None
+) -> Iterator[dict[int, list[int]]]:
     """Within the block, `model` computes exactly what the model pruned by `plan` computes.
 
-    Yields the kept expert ids per MoE layer. Patches are removed on exit, even on error.
+    Yields the kept expert ids per MoE layer (of `layers`, default all). Patches are removed on exit,
+    even on error.
     """
-    with mask_stacked(model, [plan]) as kept:
+    with mask_stacked(model, [plan], layers) as kept:
         yield kept[0]
