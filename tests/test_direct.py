@@ -12,7 +12,7 @@ import torch
 
 from moeprune.arch import get_path
 from moeprune.execute import LayerwiseModel
-from moeprune.execute.direct import Recipes, Target, learn, signature, template
+from moeprune.execute.direct import Recipes, Target, learn, load, signature, template
 from moeprune.fitness import CandidateEvaluator, SearchSet, run_teacher
 from moeprune.plan import ExpertPlan
 from moeprune.surgery.streaming import Stored
@@ -60,6 +60,11 @@ def test_recipe_loads_what_transformers_converts(family, layout, saved):
             assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), k
         lm._free(j)
     assert lm.bytes_read - before == sum(lm.unit_bytes(j) for j in range(n))
+    j = n - 1  # through a host buffer per checkpoint tensor, as to a GPU: the same tensors
+    recipe = lm._recipes.get(lm._signatures[j])
+    if recipe is not None:
+        for name, got in load(recipe, j, lm.stored, staged=True):
+            assert torch.equal(got, reference[j][name]), name
 
 
 def _stored(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Stored]:

@@ -20,6 +20,7 @@ not a tiling (a transposed or interleaved conversion) has no recipe and keeps tr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,15 +104,25 @@ def _fits(flat: torch.Tensor, at: int, values: torch.Tensor) -> bool:
     return torch.equal(flat[at : at + head], values[:head]) and torch.equal(flat[at : at + n], values)
 
 
-def load(recipe: Recipe, index: int, stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
-    """Layer `index`'s tensors by `recipe` (in-memory name -> tensor), each allocated once and read
-    into place."""
-    out, fds = {}, {}
+def load(
+    recipe: Recipe,
+    index: int,
+    stored: dict[str, Stored],
+    device: torch.device | None = None,
+    staged: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Layer `index`'s tensors by `recipe`, (in-memory name, tensor) one after the other, each
+    allocated once on `device` (default the CPU). On the CPU every source is read into its place; on
+    another device each goes through a host buffer of its own size (the host holds one checkpoint
+    tensor, not the layer; `staged`: that way on the CPU too)."""
+    device = torch.device("cpu") if device is None else device
+    fds: dict = {}
     try:
         for target in recipe:
-            tensor = torch.empty(target.shape, dtype=target.dtype)
+            tensor = torch.empty(target.shape, dtype=target.dtype, device=device)
             flat = tensor.reshape(-1)
-            raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else None
+            in_place = device.type == "cpu" and flat.numel() > 0 and not staged
+            raw = memoryview(flat.view(torch.uint8).numpy()) if in_place else None
             size = flat.element_size()
             for key_template, at in target.pieces:
                 t = stored[key_template.format(index)]
@@ -119,15 +130,14 @@ def load(recipe: Recipe, index: int, stored: dict[str, Stored]) -> dict[str, tor
                 if fd is None:
                     fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
                 n = t.nbytes // TORCH_DTYPES[t.dtype].itemsize
-                if TORCH_DTYPES[t.dtype] == target.dtype:
+                if in_place and TORCH_DTYPES[t.dtype] == target.dtype:
                     _read_into(fd, t, raw[at * size : (at + n) * size])
-                else:  # a cast, as transformers' loader casts the converted tensor
+                else:  # a cast (as transformers' loader casts the converted tensor) or a copy to the device
                     flat[at : at + n] = read_stored(t, fd).reshape(-1).to(target.dtype)
-            out[target.name.format(index)] = tensor
+            yield target.name.format(index), tensor
     finally:
         for fd in fds.values():
             os.close(fd)
-    return out
 
 
 def keys_of(recipe: Recipe, index: int) -> set[str]:

@@ -275,8 +275,8 @@ class LayerwiseModel:
         recipe = self._recipes.get(sig)
         with nullcontext() if background else weights_mmapped():
             if recipe is not None and direct.keys_of(recipe, unit) == set(self._keys(unit)):
-                for name, tensor in direct.load(recipe, unit, self.stored).items():
-                    self._set(name, tensor.to(self.device))
+                for name, tensor in direct.load(recipe, unit, self.stored, self.device):
+                    self._set(name, tensor)
                 self.bytes_read += self.unit_bytes(unit)
                 return
             self._convert(unit, names)
