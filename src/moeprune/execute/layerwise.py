@@ -107,7 +107,8 @@ class LayerwiseModel:
     the next decoder layer in a background thread while one runs, one layer more in memory (None:
     on a GPU, where the host's cores are free, and on a CPU with a core left over by torch's threads;
     with none left the loader would compete with the cores that compute. A 48-layer search, one
-    torch thread on two cores: 36.8 s instead of 55.0 s of wall time, +60 MB at the peak)."""
+    torch thread on two cores: 36.8 s instead of 55.0 s of wall time on a busy machine, +60 MB at
+    the peak: benchmarks/results/layers_onednn_cache.txt, runs l and m)."""
 
     runs_layer_by_layer = True  # what the observer and the evaluation functions test for
 
