@@ -395,7 +395,9 @@ class CandidateEvaluator:
                 attention = stored[b] if stored is not None else None
                 rows = self.positions[b] if scored_only and i == n_layers - 1 else None
                 new_states.append(
-                    self.replay.run_layer(i, h, r, attention_output=attention, capture=captured, rows=rows)
+                    self.replay.run_layer(
+                        i, h, r, attention_output=attention, capture=captured, rows=rows, fast_experts=True
+                    )
                 )
             if stored is not None:
                 self.stats.attention_reused += 1

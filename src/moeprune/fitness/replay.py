@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..arch import attention_name, family_of, get_path, moe_layers
+from ..arch.experts import sorted_forward
 from ..arch.patching import Patches
 from ..errors import UnsupportedModelError
 from .searchset import SearchBatch
@@ -215,13 +216,15 @@ class LayerReplay:
         attention_output=None,
         capture: list | None = None,
         rows: torch.Tensor | None = None,
+        fast_experts: bool = False,
     ) -> torch.Tensor:
         """Decoder layer `index` on hidden (B, L, H) -> (B, L, H).
 
         attention_output: what the layer's attention returned for this same `hidden` in an earlier
         run, used instead of recomputing it. capture: a list the attention's output is appended to.
         rows: flat indices (n,) into B * L: the layer's MoE block runs on those tokens only, and
-        only those rows of the output are the layer's (module docstring)."""
+        only those rows of the output are the layer's (module docstring). fast_experts: transformers'
+        fused experts run `arch.experts.sorted_forward` where it applies (a CPU; equal up to rounding)."""
         args, kwargs = record.calls[index]
         layer, name = self.layers[index], self.attention_names[index]
         with Patches() as patches:
@@ -231,6 +234,11 @@ class LayerReplay:
                 patches.forward_hook(getattr(layer, name), lambda m, a, o: capture.append(o))
             if rows is not None and index in self.blocks:
                 patches.wrap_forward(self.blocks[index], lambda inner: _on_rows(inner, rows))
+            if fast_experts and index in self.blocks:
+                experts = getattr(self.blocks[index], "experts", None)
+                fast = sorted_forward(experts)
+                if fast is not None:
+                    patches.wrap_forward(experts, lambda inner: fast)
             out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
