@@ -59,7 +59,7 @@ from moeprune.evolve import score_each
 from moeprune.execute import LocalExecutor
 from moeprune.fitness import CandidateEvaluator, SearchSet, run_teacher
 from moeprune.pipelines.evoesap import search_allocation
-from moeprune.racing import DEFAULT_SLICES
+from moeprune.racing import DEFAULT_SLICES, DEFAULT_Z
 from moeprune.surgery import mask_experts
 from moeprune.testbed import load_testbed, removal_order_for, token_split
 
@@ -143,18 +143,28 @@ class TimedExecutor(LocalExecutor):
         return out
 
 
-def search_data(kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int):
-    """(SearchSet as the pipeline builds it, seconds spent generating on-policy answers)."""
-    if kind == "text":
-        return SearchSet.from_tokens(
-            token_split(tok, data_dir / "search.jsonl", samples, seq_len, seed), min_batches=DEFAULT_SLICES
-        ), 0.0
+def search_data(
+    kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int, mix: bool = False
+):
+    """(SearchSet as the pipeline builds it, seconds spent generating on-policy answers); `mix`: its
+    rows in a seeded random order first (benchmarks/racing.py --mix), so every batch holds every domain."""
     t0 = time.perf_counter()
-    data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=seed, stop="\n")
-    return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES), time.perf_counter() - t0
+    if kind == "text":
+        data, gen_s = token_split(tok, data_dir / "search.jsonl", samples, seq_len, seed), 0.0
+    else:
+        data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=seed, stop="\n")
+        gen_s = time.perf_counter() - t0
+    if not mix:
+        return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES), gen_s
+    perm = torch.randperm(data.input_ids.shape[0], generator=torch.Generator().manual_seed(0))
+    return SearchSet.from_tensors(
+        data.input_ids[perm], data.attention_mask[perm], data.score_mask[perm], min_batches=DEFAULT_SLICES
+    ), gen_s
 
 
-def default_search(model, search, sparsity: float, order, cfg, device: str, candidate_batch: int) -> dict:
+def default_search(
+    model, search, sparsity: float, order, cfg, device: str, candidate_batch: int, z: float = DEFAULT_Z
+) -> dict:
     """The default search, timed from its teacher pass to its plan."""
     probe = PlainProbe(model, search, device)
     t0 = time.perf_counter()
@@ -163,7 +173,7 @@ def default_search(model, search, sparsity: float, order, cfg, device: str, cand
     ex = TimedExecutor(model, teacher, probe, every=5)
     out = search_allocation(
         model, order, teacher, sparsity=sparsity, config=cfg, progress=False, executor=ex,
-        candidate_batch=candidate_batch,
+        candidate_batch=candidate_batch, racing_z=z,
     )  # fmt: skip
     wall = time.perf_counter() - t0 - probe.seconds
     per_batch = probe.per_batch()
@@ -336,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="2 threads on 2 busy cores ran 4-30x slower")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--candidate-batch", type=int, default=1, help="default search: candidates per forward")
+    p.add_argument("--racing-z", type=float, default=DEFAULT_Z, help="the default search's racing z")
+    p.add_argument(
+        "--mix", action="store_true", help="search rows in a seeded random order (every domain per batch)"
+    )
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -353,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# {datetime.datetime.now().isoformat(timespec='minutes')} | model {model_dir} (V={text_cfg.vocab_size}, "
         f"H={text_cfg.hidden_size}) | {args.criterion} order | sparsity {args.sparsity} | population "
         f"{args.population} x {args.generations} generations | seeds {seeds} | device {args.device}, "
-        f"{args.threads} thread(s) of {os.cpu_count()} cores | load average (1/5 min) {load()}",
+        f"{args.threads} thread(s) of {os.cpu_count()} cores | default's racing z {args.racing_z}, {DEFAULT_SLICES} "
+        f"slices | search rows {'mixed (seeded order)' if args.mix else 'as loaded'} | load average (1/5 min) {load()}",
         flush=True,
     )
     report: dict = {"settings": vars(args), "kinds": {}}
@@ -361,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in seeds:
             search, gen_s = search_data(
-                kind, seed, tok, model, data_dir, prompts, args.search_samples, args.seq_len
+                kind, seed, tok, model, data_dir, prompts, args.search_samples, args.seq_len, args.mix
             )
             cfg = EvoConfig(population=args.population, generations=args.generations, seed=seed)
             # the other caches, scored on the reference's logits (outside its timed window)
@@ -371,13 +386,13 @@ def main(argv: list[str] | None = None) -> None:
             }
             if seed % 2 == 0:  # alternate which goes first: a load drift favours neither
                 d = default_search(
-                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch
+                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z
                 )
                 r = reference_search(model, search, space, order, cfg, args.device, others)
             else:
                 r = reference_search(model, search, space, order, cfg, args.device, others)
                 d = default_search(
-                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch
+                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z
                 )
             exact = {c: v["dense"] for c, v in r["values"].items()}
             for best in (d["outcome"].best, r["result"].best):
