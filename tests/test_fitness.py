@@ -283,6 +283,18 @@ def test_last_moe_block_on_scored_rows_only_is_exact(family):
         assert set(seen) == ({8} if hooked else set()), seen
 
 
+def test_a_batch_without_scored_tokens_still_scores(mixtral):
+    """A search batch with nothing scored: the last block runs whole there; the fitness is exact."""
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(5))
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    score[2:, 6:] = True  # the first batch (rows 0-1) has no scored token
+    s = SearchSet.from_tensors(ids, score_mask=score, batch_size=2)
+    fast = CandidateEvaluator(mixtral, s, cache="dense")
+    slow = CandidateEvaluator(mixtral, s, cache="dense", reuse=False, full_forward=True)
+    plan = some_plan(mixtral, 1)
+    assert fast.evaluate(plan).value == pytest.approx(slow.evaluate(plan).value, abs=1e-6)
+
+
 def test_reuse_gives_identical_scores(mixtral):
     s = search_set()
     fast = CandidateEvaluator(mixtral, s, cache="dense")

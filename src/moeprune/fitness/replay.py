@@ -127,6 +127,8 @@ def _on_rows(inner, rows: torch.Tensor):
     def forward(hidden_states, *args, **kwargs):
         width = hidden_states.shape[-1]
         flat = hidden_states.reshape(-1, width)  # (B * L, H)
+        if rows.numel() == 0:  # nothing scored in this batch (rare): the whole block, as it was
+            return inner(hidden_states, *args, **kwargs)
         out = inner(flat[rows].unsqueeze(0), *args, **kwargs)  # (1, n, H) or a tuple led by it
         main = out[0] if isinstance(out, tuple) else out
         full = flat.new_zeros(flat.shape)

@@ -53,9 +53,7 @@ class TeacherSlice:
     tail: torch.Tensor | None = None  # sparse: (n,) float32
     hidden: torch.Tensor | None = None  # hidden: (n, H) after the final norm, the model's dtype
     nucleus: bool = False  # a nucleus slice (sparse layout, zeros past each nucleus): ESAP = midpoint
-    kept_probs: torch.Tensor | None = (
-        None  # hidden: (n, V) float32 p recomputed once and kept (not the cache)
-    )
+    kept_probs: torch.Tensor | None = None  # hidden: (n, V) float32 p, computed once (not counted)
 
     @property
     def dense(self) -> bool:
