@@ -11,7 +11,8 @@ matmul pair per expert that has tokens, and ``index_add_`` (in float32) for the 
     out_t = sum_{j < k} w_tj * down_e(gate(up_e(x_t))),   e = top_k_index[t, j]
 
 Equal to ``grouped_mm`` up to float rounding (the k terms are summed in another order); on the
-testbed, one CPU thread, 7-9% less time for the decoder layers, 5% for a whole candidate evaluation.
+testbed, one CPU thread, 4.5-5% less CPU time per candidate evaluation
+(benchmarks/results/replay_profile.txt).
 Anything else (other implementations, expert parallelism, another device, offloaded weights) keeps
 its own forward (`sorted_forward` returns None).
 """
