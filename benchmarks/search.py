@@ -29,6 +29,7 @@ against each cache, outside the timed windows).
 
     python benchmarks/search.py [--kinds text,onpolicy] [--seeds 0,1,2] [--population 16 --generations 10]
     python benchmarks/search.py --device cuda --threads 4     # the same on a GPU
+    python benchmarks/search.py --mix --racing-z 1            # rows shuffled, racing z = 1 (a variant)
 """
 
 from __future__ import annotations
