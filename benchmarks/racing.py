@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from moeprune.allocate import EvoConfig
+from moeprune.data import continue_prompts, read_rows
 from moeprune.execute import Executor, LocalExecutor
 from moeprune.fitness import SearchSet, run_teacher
 from moeprune.pipelines.evoesap import search_allocation
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--search-samples", type=int, default=6, help="windows per domain (5 domains)")
     p.add_argument("--seq-len", type=int, default=48)
     p.add_argument("--mix", action="store_true", help="shuffle the search windows (domains mixed in batches)")
+    p.add_argument(
+        "--onpolicy", action="store_true",
+        help="search on the demo's on-policy data instead (the unpruned model answers the search split's 256 "
+        "arithmetic prompts, 8 tokens, answers scored), as benchmarks/search.py does",
+    )  # fmt: skip
     p.add_argument("--slices", type=int, default=4)
     p.add_argument("--z", default="0.5,1,1.5,2,3", help="comma-separated z values to race with")
     p.add_argument("--seeds", type=int, default=10)
@@ -95,8 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
     calib = token_split(tok, data_dir / "calibration.jsonl", 8, 256, 0)
     order = removal_order_for(model, calib, args.criterion, 0)
-    tokens = token_split(tok, data_dir / "search.jsonl", args.search_samples, args.seq_len, 0)
-    if args.mix:  # a seeded permutation of the windows: every batch holds several domains
+    if args.onpolicy:
+        prompts = read_rows(data_dir / "search_prompts.jsonl")
+        tokens = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=0, stop="\n")
+    else:
+        tokens = token_split(tok, data_dir / "search.jsonl", args.search_samples, args.seq_len, 0)
+    if args.mix and not args.onpolicy:  # a seeded permutation: every batch holds several domains
         perm = torch.randperm(tokens.input_ids.shape[0], generator=torch.Generator().manual_seed(0))
         tokens = type(tokens)(
             tokens.input_ids[perm], tokens.attention_mask[perm], tokens.score_mask[perm],
@@ -105,14 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     search = SearchSet.from_tokens(
         tokens, min_batches=args.slices
     )  # as a run builds it (`RunContext.teacher`)
-    teacher = run_teacher(model, search)  # the default cache (hidden: exact)
+    teacher = run_teacher(model, search, cache="hidden")  # the default cache (exact)
     full = search.num_scored()
     say(
         f"testbed {model_dir.name}: {args.criterion} order, sparsity {args.sparsity}, population "
         f"{args.population} x {args.generations} generations, search set {len(search.batches)} batches of "
-        f"{'/'.join(str(b.input_ids.shape[0]) for b in search.batches)} windows x {args.seq_len} tokens "
-        f"({'shuffled' if args.mix else 'grouped by domain, as loaded'}; "
-        f"{full} scored tokens), {args.slices} slices, search seeds 0..{args.seeds - 1}"
+        f"{'/'.join(str(b.input_ids.shape[0]) for b in search.batches)} "
+        + (
+            f"on-policy answers x {search.batches[0].input_ids.shape[1]} tokens ("
+            if args.onpolicy
+            else f"windows x {args.seq_len} tokens ({'shuffled' if args.mix else 'grouped by domain, as loaded'}; "
+        )
+        + f"{full} scored tokens), {args.slices} slices, search seeds 0..{args.seeds - 1}"
     )
 
     def run(seed: int, executor: Executor, racing: bool, z: float = math.inf):

@@ -1,9 +1,10 @@
 """EvoESAP search cost on the testbed: the default search against a straightforward reference, side by
 side in one process, over several seeds and both kinds of search data.
 
-default    what `moeprune search` runs: the hidden-state teacher cache (``cache="hidden"``, exact),
+default    what `moeprune search` runs: the hidden-state teacher cache (``cache="hidden"``, exact; the
+           teacher's probabilities computed once and kept where T x V float32 fit 256 MiB, as here),
            racing on with its defaults (z = 2, 4 slices of the search batches; `moeprune.racing`,
-           `execute.slices.search_scoring`), prefix reuse, the head on the scored rows only; search
+           `execute.slices.search_scoring`), prefix reuse, the last layer's MoE block and the head on the scored rows only; search
            batches built as the pipeline builds them (``SearchSet.from_tokens(tokens, min_batches=4)``)
            and scored by `pipelines.evoesap.search_allocation(..., racing=True)`.
 reference  a dense full-vocabulary teacher cache, a full forward per candidate, log-softmax and ESAP on
@@ -20,14 +21,15 @@ Prints, per data kind: the whole-search wall time (teacher + evolution) of each 
 per seed and over all seeds (goal >= 3x); the best plan's exact (dense) ESAP of each, and their
 mean over the seeds (goal: default within 0.002 of the reference); where the default search's time
 goes (candidate cost in plain forwards of the same batches, timed next to the candidates; layers
-run; racing's share of the work; the hidden cache's extra head matmul; teacher pass); and the
-teacher-cache table: bytes of dense / sparse top-K / hidden on the testbed and per scored token at
-Qwen3's V = 151,936, H = 2048, and the largest |ESAP - dense ESAP| over every candidate the reference
-searches scored (their logits scored against each cache, outside the timed windows). There is no
-nucleus mode in `fitness/teacher.py`; the table says so.
+run; racing's share of the work; what recomputing the teacher from the hidden cache would cost;
+teacher pass); and the teacher-cache table: bytes of dense / sparse top-K / nucleus (p = 0.95,
+K_max = K) / hidden on the testbed and per scored token at Qwen3's V = 151,936, H = 2048, and the
+largest |ESAP - dense ESAP| over every candidate the reference searches scored (their logits scored
+against each cache, outside the timed windows).
 
     python benchmarks/search.py [--kinds text,onpolicy] [--seeds 0,1,2] [--population 16 --generations 10]
     python benchmarks/search.py --device cuda --threads 4     # the same on a GPU
+    python benchmarks/search.py --mix --racing-z 1            # rows shuffled, racing z = 1 (a variant)
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from moeprune.evolve import score_each
 from moeprune.execute import LocalExecutor
 from moeprune.fitness import CandidateEvaluator, SearchSet, run_teacher
 from moeprune.pipelines.evoesap import search_allocation
-from moeprune.racing import DEFAULT_SLICES
+from moeprune.racing import DEFAULT_SLICES, DEFAULT_Z
 from moeprune.surgery import mask_experts
 from moeprune.testbed import load_testbed, removal_order_for, token_split
 
@@ -73,7 +75,8 @@ def load() -> str:
 def per_token_bytes(kind: str, vocab: int, hidden: int, k: int, hidden_bytes: int = 4) -> int:
     """Bytes one scored token costs in a cache (sparse: K float32 probs + K ids + the tail mass)."""
     ids = 2 if vocab <= 32767 else 4
-    return {"dense": 4 * vocab, "sparse": k * (4 + ids) + 4, "hidden": hidden_bytes * hidden}[kind]
+    sparse = k * (4 + ids) + 4  # nucleus: the same layout (zeros past each nucleus)
+    return {"dense": 4 * vocab, "sparse": sparse, "nucleus": sparse, "hidden": hidden_bytes * hidden}[kind]
 
 
 def shared_prefix_share(space: AllocationSpace, base: tuple[int, ...], samples: int = 4000) -> float:
@@ -141,18 +144,28 @@ class TimedExecutor(LocalExecutor):
         return out
 
 
-def search_data(kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int):
-    """(SearchSet as the pipeline builds it, seconds spent generating on-policy answers)."""
-    if kind == "text":
-        return SearchSet.from_tokens(
-            token_split(tok, data_dir / "search.jsonl", samples, seq_len, seed), min_batches=DEFAULT_SLICES
-        ), 0.0
+def search_data(
+    kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int, mix: bool = False
+):
+    """(SearchSet as the pipeline builds it, seconds spent generating on-policy answers); `mix`: its
+    rows in a seeded random order first (benchmarks/racing.py --mix), so every batch holds every domain."""
     t0 = time.perf_counter()
-    data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=seed, stop="\n")
-    return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES), time.perf_counter() - t0
+    if kind == "text":
+        data, gen_s = token_split(tok, data_dir / "search.jsonl", samples, seq_len, seed), 0.0
+    else:
+        data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=seed, stop="\n")
+        gen_s = time.perf_counter() - t0
+    if not mix:
+        return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES), gen_s
+    perm = torch.randperm(data.input_ids.shape[0], generator=torch.Generator().manual_seed(0))
+    return SearchSet.from_tensors(
+        data.input_ids[perm], data.attention_mask[perm], data.score_mask[perm], min_batches=DEFAULT_SLICES
+    ), gen_s
 
 
-def default_search(model, search, sparsity: float, order, cfg, device: str, candidate_batch: int) -> dict:
+def default_search(
+    model, search, sparsity: float, order, cfg, device: str, candidate_batch: int, z: float = DEFAULT_Z
+) -> dict:
     """The default search, timed from its teacher pass to its plan."""
     probe = PlainProbe(model, search, device)
     t0 = time.perf_counter()
@@ -161,7 +174,7 @@ def default_search(model, search, sparsity: float, order, cfg, device: str, cand
     ex = TimedExecutor(model, teacher, probe, every=5)
     out = search_allocation(
         model, order, teacher, sparsity=sparsity, config=cfg, progress=False, executor=ex,
-        candidate_batch=candidate_batch,
+        candidate_batch=candidate_batch, racing_z=z,
     )  # fmt: skip
     wall = time.perf_counter() - t0 - probe.seconds
     per_batch = probe.per_batch()
@@ -170,11 +183,12 @@ def default_search(model, search, sparsity: float, order, cfg, device: str, cand
     # the work the calls did, in plain forwards of the batches they covered (racing scores slices)
     work = sum(n * sum(per_batch[a:b]) for _, n, (a, b) in ex.calls)
     evaluations = out.result.evaluations
-    # the hidden cache's extra cost: p = softmax(lm_head(h)) on every scored row, per full candidate
-    ev = CandidateEvaluator(model, teacher)
+    # what the hidden cache's recompute of p = softmax(lm_head(h)) on every scored row would cost per
+    # full candidate (0 when the probabilities are kept, as here where T x V fit)
+    ev = CandidateEvaluator(model, run_teacher(model, search, cache="hidden", keep_probs_bytes=0))
     t = time.perf_counter()
     with torch.inference_mode():
-        for sl in teacher.cache.slices:
+        for sl in ev.teacher.slices:
             for i in range(0, sl.hidden.shape[0], ev.head_rows):
                 ev._teacher_rows(sl, i, i + ev.head_rows)
     sync(device)
@@ -190,6 +204,8 @@ def default_search(model, search, sparsity: float, order, cfg, device: str, cand
         "work_share": work / (evaluations * plain),  # racing: 1 - its saving, in plain forwards
         "cost": eval_s / work,  # one candidate's cost on the positions it was scored on, in plain forwards
         "head_extra": head_extra / plain,
+        "probs_kept": teacher.cache.probs_kept,
+        "kept_bytes": teacher.cache.kept_nbytes(),
         "layers": out.reuse["layers_run_fraction"],
         "hit_rate": out.reuse["hit_rate"],
         "attention_reused": out.reuse["attention_reused"],
@@ -245,10 +261,15 @@ def reference_search(model, search, space, order, cfg, device: str, others: dict
 def pieces(model, search: SearchSet, plan, device: str, repeats: int = 3) -> dict[str, float]:
     """One candidate (`plan`) scored on the whole search set without prefix reuse, piece by piece, in
     plain forwards of the same batches (median of `repeats` interleaved rounds): the decoder layers
-    replayed from layer 0, the candidate's head on the scored rows, log-softmax + ESAP against a dense
-    teacher, the hidden cache's recomputation of the teacher; and whole evaluations with the hidden
-    cache, the dense cache and the reference."""
+    replayed from layer 0 (all positions; and with the last MoE block on the scored rows only, as
+    `evaluate` runs them), the candidate's head on the scored rows, log-softmax + ESAP against a dense
+    teacher, the hidden cache's recomputation of the teacher (what keeping the probabilities saves);
+    and whole evaluations with the hidden cache (probabilities kept where they fit), the dense cache
+    and the reference."""
     hidden = CandidateEvaluator(model, run_teacher(model, search, cache="hidden"), reuse=False)
+    recompute = CandidateEvaluator(
+        model, run_teacher(model, search, cache="hidden", keep_probs_bytes=0), reuse=False
+    )
     dense = CandidateEvaluator(model, run_teacher(model, search, cache="dense"), reuse=False)
     ref = CandidateEvaluator(model, search, cache="dense", reuse=False, full_forward=True, head_rows=None)
     step, batches = hidden.head_rows, hidden.search.batches
@@ -266,6 +287,10 @@ def pieces(model, search: SearchSet, plan, device: str, repeats: int = 3) -> dic
         with mask_experts(model, plan):
             return hidden._run_layers(plan, [])
 
+    def layers_scored():
+        with mask_experts(model, plan):
+            return hidden._run_layers(plan, [], scored_only=True)
+
     states = layers()
     with mask_experts(model, plan):
         logits = [(b, i, hidden.replay.head(r)) for b, i, r in rows(states)]  # (c, V) chunks
@@ -282,11 +307,12 @@ def pieces(model, search: SearchSet, plan, device: str, repeats: int = 3) -> dic
 
     def teacher():
         for b, i, chunk in logits:
-            hidden._teacher_rows(hidden.teacher.slices[b], i, i + chunk.shape[0])
+            recompute._teacher_rows(recompute.teacher.slices[b], i, i + chunk.shape[0])
 
     parts = {
         "plain": plain,
         "layers": layers,
+        "layers_scored": layers_scored,
         "head": head,
         "score": score,
         "teacher": teacher,
@@ -321,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="2 threads on 2 busy cores ran 4-30x slower")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--candidate-batch", type=int, default=1, help="default search: candidates per forward")
+    p.add_argument("--racing-z", type=float, default=DEFAULT_Z, help="the default search's racing z")
+    p.add_argument(
+        "--mix", action="store_true", help="search rows in a seeded random order (every domain per batch)"
+    )
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -338,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# {datetime.datetime.now().isoformat(timespec='minutes')} | model {model_dir} (V={text_cfg.vocab_size}, "
         f"H={text_cfg.hidden_size}) | {args.criterion} order | sparsity {args.sparsity} | population "
         f"{args.population} x {args.generations} generations | seeds {seeds} | device {args.device}, "
-        f"{args.threads} thread(s) of {os.cpu_count()} cores | load average (1/5 min) {load()}",
+        f"{args.threads} thread(s) of {os.cpu_count()} cores | default's racing z {args.racing_z}, {DEFAULT_SLICES} "
+        f"slices | search rows {'mixed (seeded order)' if args.mix else 'as loaded'} | load average (1/5 min) {load()}",
         flush=True,
     )
     report: dict = {"settings": vars(args), "kinds": {}}
@@ -346,23 +377,23 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in seeds:
             search, gen_s = search_data(
-                kind, seed, tok, model, data_dir, prompts, args.search_samples, args.seq_len
+                kind, seed, tok, model, data_dir, prompts, args.search_samples, args.seq_len, args.mix
             )
             cfg = EvoConfig(population=args.population, generations=args.generations, seed=seed)
             # the other caches, scored on the reference's logits (outside its timed window)
             others = {
                 kind_: CandidateEvaluator(model, run_teacher(model, search, cache=kind_, top_k=args.top_k))
-                for kind_ in ("sparse", "hidden")
+                for kind_ in ("sparse", "nucleus", "hidden")
             }
             if seed % 2 == 0:  # alternate which goes first: a load drift favours neither
                 d = default_search(
-                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch
+                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z
                 )
                 r = reference_search(model, search, space, order, cfg, args.device, others)
             else:
                 r = reference_search(model, search, space, order, cfg, args.device, others)
                 d = default_search(
-                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch
+                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z
                 )
             exact = {c: v["dense"] for c, v in r["values"].items()}
             for best in (d["outcome"].best, r["result"].best):
@@ -454,11 +485,17 @@ def print_kind(kind: str, runs: list[dict], space, args, text_cfg) -> None:
     print(f"  default: a candidate is scored on {work:.2f} of the search set on average (racing: "
           f"{1 - work:.0%} of the work saved in plain forwards, {mean('default', 'tokens_saved'):.0%} of the "
           f"token evaluations; {mean('default', 'raced_out'):.0f} candidates dropped per search)")  # fmt: skip
+    kept = all(r["default"]["probs_kept"] for r in runs)
+    kept_mb = statistics.mean(r["default"]["kept_bytes"] for r in runs) / 1e6
     print(f"  default: scoring the positions it reaches costs {cost:.2f} plain forwards per full candidate "
           f"(so {work * cost:.2f} per candidate); layers run {mean('default', 'layers'):.2f} of a full forward "
           f"(prefix hit rate {mean('default', 'hit_rate'):.0%}, restarts with cached attention "
-          f"{mean('default', 'attention_reused'):.0f}); the hidden cache's head matmul + softmax to recompute "
-          f"the teacher costs {mean('default', 'head_extra'):.3f} plain forwards per full candidate")  # fmt: skip
+          f"{mean('default', 'attention_reused'):.0f})")  # fmt: skip
+    print("  the teacher's probabilities: "
+          + (f"kept in memory by the hidden cache ({kept_mb:.1f} MB, T x V float32 within its 256 MiB budget)"
+             if kept else "recomputed per candidate from the hidden cache (over the budget)")
+          + f"; recomputing them would cost {mean('default', 'head_extra'):.3f} plain forwards per full "
+          f"candidate")  # fmt: skip
     bound = shared_prefix_share(space, first["best_default"])
     print(f"  a mutant of the first seed's best plan can take {bound:.2f} of the MoE layers from its parent "
           f"(the structural bound of exact prefix reuse, simulated)")  # fmt: skip
@@ -469,21 +506,22 @@ def print_kind(kind: str, runs: list[dict], space, args, text_cfg) -> None:
           f"plain forwards per candidate (now {work * cost:.2f})")  # fmt: skip
     pc, frac = first["pieces"], mean("default", "layers")
     print(f"  one candidate on the whole search set without reuse, piece by piece (first seed's batches, uniform "
-          f"plan, median of 3, load {pc['load']}), in plain forwards: decoder layers {pc['layers']:.2f}, its head "
+          f"plan, median of 3, load {pc['load']}), in plain forwards: decoder layers {pc['layers']:.2f} "
+          f"({pc['layers_scored']:.2f} with the last MoE block on the scored rows only, as scored), its head "
           f"on the scored rows {pc['head']:.2f}, log-softmax + ESAP {pc['score']:.2f}, the hidden cache's "
-          f"teacher recompute {pc['teacher']:.2f}; whole evaluations: hidden cache {pc['eval_hidden']:.2f}, "
-          f"dense cache {pc['eval_dense']:.2f}, reference {pc['eval_reference']:.2f}")  # fmt: skip
-    model_cost = frac * pc["layers"] + pc["head"] + pc["score"] + pc["teacher"]
-    print(f"  so a default candidate ~ {work:.2f} (racing) x ({frac:.2f} (layers run) x {pc['layers']:.2f} + "
-          f"{pc['head']:.2f} + {pc['score']:.2f} + {pc['teacher']:.2f}) = {work * model_cost:.2f} plain forwards "
+          f"teacher recompute {pc['teacher']:.2f} ({'not run: kept' if kept else 'run'}); whole evaluations: "
+          f"hidden cache {pc['eval_hidden']:.2f}, dense cache {pc['eval_dense']:.2f}, reference "
+          f"{pc['eval_reference']:.2f}")  # fmt: skip
+    teacher_cost = 0.0 if kept else pc["teacher"]
+    model_cost = frac * pc["layers_scored"] + pc["head"] + pc["score"] + teacher_cost
+    print(f"  so a default candidate ~ {work:.2f} (racing) x ({frac:.2f} (layers run) x {pc['layers_scored']:.2f} "
+          f"+ {pc['head']:.2f} + {pc['score']:.2f} + {teacher_cost:.2f}) = {work * model_cost:.2f} plain forwards "
           f"(measured in the searches: {work * cost:.2f})")  # fmt: skip
     need = (target - (d_wall - d_eval)) / (mean("default", "evaluations") * mean("default", "plain"))
-    no_recompute = frac * pc["layers"] + pc["head"] + pc["score"]
-    print(f"  to reach 3x ({need:.2f} per candidate): without the teacher recompute (p kept, as dense, where "
-          f"T x V fits) a candidate would cost {work * no_recompute:.2f}; then racing would have to leave "
-          f"{need / no_recompute:.2f} of the work (now {work:.2f}), or at today's racing the layers run would have "
-          f"to fall to {(need / work - pc['head'] - pc['score']) / pc['layers']:.2f} of a forward (now {frac:.2f}; "
-          f"exact reuse is bounded by the mutations, above)")  # fmt: skip
+    print(f"  to reach 3x ({need:.2f} per candidate): racing would have to leave {need / model_cost:.2f} of the "
+          f"work (now {work:.2f}), or at today's racing the layers run would have to fall to "
+          f"{(need / work - pc['head'] - pc['score'] - teacher_cost) / pc['layers_scored']:.2f} of a forward "
+          f"(now {frac:.2f}; exact reuse is bounded by the mutations, above)")  # fmt: skip
 
     # the teacher caches
     big_dense = per_token_bytes("dense", QWEN3["V"], QWEN3["H"], args.top_k)
@@ -491,20 +529,23 @@ def print_kind(kind: str, runs: list[dict], space, args, text_cfg) -> None:
           f"searches, {len(runs)} seeds, their logits scored against each cache)")  # fmt: skip
     print(f"{'cache':<16}{'bytes':>12}{'% dense':>9}{'B/token':>9}{'B/token @V=151,936':>20}{'% dense there':>15}"
           f"{'max |dESAP|':>13}{'Kendall tau':>13}")  # fmt: skip
-    for name in ("dense", "sparse", "hidden"):
+    for name in ("dense", "sparse", "nucleus", "hidden"):
         nbytes = first["bytes"][name]
         values = [v for r in runs for v in r["reference"]["values"].values()]
         delta = max(abs(v[name] - v["dense"]) for v in values)
         tau = kendalltau([v[name] for v in values], [v["dense"] for v in values])[0]
         big = per_token_bytes(name, QWEN3["V"], QWEN3["H"], args.top_k)
-        label = {"dense": "dense", "sparse": f"sparse top-{args.top_k}", "hidden": "hidden (default)"}[name]
+        label = {"dense": "dense", "sparse": f"sparse top-{args.top_k}", "nucleus": f"nucleus .95/{args.top_k}",
+                 "hidden": "hidden (default)"}[name]  # fmt: skip
         print(f"{label:<16}{nbytes:>12,}{100 * nbytes / first['bytes']['dense']:>8.2f}%"
               f"{nbytes / first['scored']:>9,.0f}{big:>20,}{100 * big / big_dense:>14.2f}%{delta:>13.2e}"
               f"{tau:>13.3f}")  # fmt: skip
     bf16 = per_token_bytes("hidden", QWEN3["V"], QWEN3["H"], args.top_k, hidden_bytes=2)
-    print(f"(hidden at H = 2048: {bf16:,} B/token in bf16, {100 * bf16 / big_dense:.2f}% of dense; sparse at "
-          f"V = 151,936 stores int32 ids; nucleus: no such mode in fitness/teacher.py, caches are "
-          f"dense, sparse, hidden; over {sum(len(r['reference']['values']) for r in runs)} candidates)")  # fmt: skip
+    print(f"(hidden at H = 2048: {bf16:,} B/token in bf16, {100 * bf16 / big_dense:.2f}% of dense; sparse and "
+          f"nucleus at V = 151,936 store int32 ids; nucleus: p = 0.95, at most {args.top_k} tokens, stored padded "
+          f"to {args.top_k}, value = the middle of its bound; hidden's bytes are the cache's, without the "
+          f"probabilities it keeps where they fit; over {sum(len(r['reference']['values']) for r in runs)} "
+          f"candidates)")  # fmt: skip
 
 
 def json_run(run: dict) -> dict:
@@ -512,7 +553,17 @@ def json_run(run: dict) -> dict:
     d, r = run["default"], run["reference"]  # pieces (first seed only) is plain JSON
     out = {k: v for k, v in run.items() if k not in ("default", "reference")}
     out["default"] = {
-        k: d[k] for k in (*keep, "work_share", "head_extra", "layers", "hit_rate", "tokens_saved")
+        k: d[k]
+        for k in (
+            *keep,
+            "work_share",
+            "head_extra",
+            "layers",
+            "hit_rate",
+            "tokens_saved",
+            "probs_kept",
+            "kept_bytes",
+        )
     }
     out["default"]["racing"] = d["outcome"].racing
     out["reference"] = {k: r[k] for k in keep}

@@ -15,6 +15,7 @@ from moeprune.fitness import (
     CandidateEvaluator,
     SearchSet,
     TeacherSlice,
+    run_teacher,
     speculative_acceptance,
     teacher_slice,
 )
@@ -167,6 +168,30 @@ def test_hidden_state_teacher_equals_the_dense_cache(family):
             assert abs(d.value - h.value) <= 1e-6, (family, fitness, d.value, h.value)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_hidden_cache_keeps_the_teacher_probs_when_they_fit(family):
+    """Where T x V float32 fit the budget the hidden cache computes the teacher's probabilities once
+    and keeps them: every candidate (one at a time, stacked, on a slice) scores bitwise as when they
+    are recomputed per candidate; over the budget they are not kept."""
+    model = tiny_model(family)
+    s = search_set()
+    vocab = model.config.get_text_config().vocab_size
+    need = s.num_scored() * vocab * 4
+    kept = run_teacher(model, s, cache="hidden", keep_probs_bytes=need)
+    recomputed = run_teacher(model, s, cache="hidden", keep_probs_bytes=need - 1)
+    assert kept.cache.probs_kept and kept.cache.kept_nbytes() == need
+    assert not recomputed.cache.probs_kept and recomputed.cache.kept_nbytes() == 0
+    assert kept.cache.nbytes() == recomputed.cache.nbytes()  # the cache itself: T x H either way
+    plans = [some_plan(model, seed) for seed in range(3)] + [{}]
+    for fitness in ("esap", "kl_teacher_draft"):
+        a = CandidateEvaluator(model, kept, fitness=fitness, candidate_batch=2)
+        b = CandidateEvaluator(model, recomputed, fitness=fitness, candidate_batch=2)
+        assert [r.value for r in a.evaluate_many(plans)] == [r.value for r in b.evaluate_many(plans)]
+        assert [a.evaluate(p).value for p in plans] == [b.evaluate(p).value for p in plans]
+        a1, b1 = (CandidateEvaluator(model, t.subset(1, 2), fitness=fitness) for t in (kept, recomputed))
+        assert a1.evaluate(plans[0]).value == b1.evaluate(plans[0]).value
+
+
 @pytest.mark.parametrize(
     "family, fitness",
     [("mixtral", "esap"), ("deepseek_v3", "esap"), ("gpt_oss", "esap"), ("llama4_text", "esap")]
@@ -228,6 +253,46 @@ def test_layer_resumed_forward_equals_full_forward(family):
         want = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in s.batches]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", REPLAY_FAMILIES)
+def test_last_moe_block_on_scored_rows_only_is_exact(family):
+    """`evaluate` runs the last layer's MoE block on the scored positions only (a third of them
+    here): the fitness equals a full forward's to 1e-6, and the block did see fewer tokens."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (4, 12), generator=g)
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    score[:, 8:] = True  # answers: the last 4 tokens of each row
+    s = SearchSet.from_tensors(ids, score_mask=score, batch_size=2)
+    fast = CandidateEvaluator(model, s, cache="dense")
+    slow = CandidateEvaluator(model, s, cache="dense", reuse=False, full_forward=True)
+    seen: list[int] = []
+    last = fast.replay.num_layers - 1 if fast.replay is not None else -1
+    hooked = not fast.full_forward and last in fast.replay.blocks
+    if hooked:  # the router sees the block's tokens
+        [m for m in moe_layers(model) if m.index == last][0].router.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0])
+        )
+    for plan in [some_plan(model, seed) for seed in range(2)] + [{}]:
+        want = slow.evaluate(plan).value
+        seen.clear()
+        got = fast.evaluate(plan).value
+        assert got == pytest.approx(want, abs=1e-6), family
+        # the last block saw each batch's 2 x 4 scored tokens, not its 2 x 12 positions
+        assert set(seen) == ({8} if hooked else set()), seen
+
+
+def test_a_batch_without_scored_tokens_still_scores(mixtral):
+    """A search batch with nothing scored: the last block runs whole there; the fitness is exact."""
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(5))
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    score[2:, 6:] = True  # the first batch (rows 0-1) has no scored token
+    s = SearchSet.from_tensors(ids, score_mask=score, batch_size=2)
+    fast = CandidateEvaluator(mixtral, s, cache="dense")
+    slow = CandidateEvaluator(mixtral, s, cache="dense", reuse=False, full_forward=True)
+    plan = some_plan(mixtral, 1)
+    assert fast.evaluate(plan).value == pytest.approx(slow.evaluate(plan).value, abs=1e-6)
 
 
 def test_reuse_gives_identical_scores(mixtral):

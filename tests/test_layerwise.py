@@ -205,6 +205,20 @@ def _history(outcome) -> list[dict]:
     return outcome.result.history
 
 
+def _approx(generation: dict) -> dict:
+    """A history row with its floats compared to 1e-7."""
+    return approx_tree(generation)
+
+
+def approx_tree(value):
+    """`value` (JSON-like: dicts, lists, numbers, strings) with every float compared to 1e-7."""
+    if isinstance(value, dict):
+        return {k: approx_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [approx_tree(v) for v in value]
+    return pytest.approx(value, abs=1e-7) if isinstance(value, float) else value
+
+
 @pytest.mark.parametrize("racing", [False, True], ids=["exact", "raced"])
 def test_layerwise_search_gives_the_in_memory_plan_and_history(testbed, racing):
     """EvoESAP on the testbed (same seed): each generation scored in lockstep, one stream per
@@ -220,7 +234,9 @@ def test_layerwise_search_gives_the_in_memory_plan_and_history(testbed, racing):
     executor = LocalExecutor(lm, teacher, layerwise_evaluator)  # what a run in mode layers uses
     layerwise = search_allocation(lm.model, order, teacher, executor=executor, **options)
     assert layerwise.best == memory.best and layerwise.plan == memory.plan
-    assert _history(layerwise) == _history(memory)
+    # in memory the last MoE block runs on the scored rows only and the experts run slot-sorted
+    # (`fitness.replay`, `arch.experts`): the same values up to float rounding, the same decisions
+    assert _history(layerwise) == [_approx(g) for g in _history(memory)]
     assert layerwise.result.tokens == memory.result.tokens
     assert layerwise.best_fitness["value"] == pytest.approx(memory.best_fitness["value"], abs=1e-9)
     evaluators = list(executor.scorer.evaluators.values())
@@ -244,8 +260,8 @@ def test_layerwise_eep_selection_gives_the_in_memory_result(testbed):
         lm.model, teacher, executor=LocalExecutor(lm, teacher, layerwise_evaluator), **options
     )
     assert layers.best == memory.best
-    assert layers.history == memory.history
-    assert layers.best_score == pytest.approx(memory.best_score, abs=1e-9)
+    assert layers.history == [_approx(g) for g in memory.history]  # floats to 1e-7 (see above)
+    assert layers.best_score == pytest.approx(memory.best_score, abs=1e-7)
 
 
 def test_layerwise_perplexity_and_multiple_choice_equal_in_memory(testbed):
@@ -324,7 +340,7 @@ def test_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path, capsys, 
     assert heldout == pytest.approx({k: v["heldout_esap"] for k, v in memory.evaluation.items()}, abs=1e-5)
     a = json.loads((tmp_path / "memory" / "search_history.json").read_text())["history"]
     b = json.loads((tmp_path / "layers" / "search_history.json").read_text())["history"]
-    assert a == b
+    assert b == [_approx(g) for g in a]  # floats to 1e-7: the in-memory scoring rounds differently
     reloaded = load(tmp_path / "layers")
     assert reloaded.config.num_experts == 16
     capsys.readouterr()

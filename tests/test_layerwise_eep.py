@@ -24,7 +24,7 @@ from moeprune.recipe import Recipe
 from moeprune.surgery import load
 from moeprune.testbed import load_testbed, token_split
 from moeprune.testbed import testbed_dirs as bundled_testbed
-from test_layerwise import assert_same_evaluations, evaluations
+from test_layerwise import _approx, approx_tree, assert_same_evaluations, evaluations
 from test_merging import random_merge
 from tiny_models import tiny_model
 
@@ -113,11 +113,11 @@ def test_layerwise_merge_search_gives_the_in_memory_plan_and_history(testbed):
     teacher = lm.run_teacher(search, cache="hidden")
     executor = LocalExecutor(lm, teacher, layerwise_evaluator)
     layers = merge_into_anchors(lm.model, teacher, anchors, executor=executor, **options)
-    assert layers.history == memory.history
+    assert layers.history == [_approx(g) for g in memory.history]  # floats to 1e-7: test_layerwise.py
     assert layers.best.keys() == memory.best.keys()
     for i, m in memory.best.items():
         assert layers.best[i].anchors == m.anchors and torch.equal(layers.best[i].weights, m.weights)
-    assert layers.best_score == pytest.approx(memory.best_score, abs=1e-9)
+    assert layers.best_score == pytest.approx(memory.best_score, abs=1e-7)
     assert layers.evaluations == sum(e.stats.evaluations for e in executor.scorer.evaluators.values())
 
 
@@ -170,9 +170,9 @@ def test_eep_merge_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path
     for name, column in memory.evaluation.items():
         assert layers.evaluation[name]["heldout_esap"] == pytest.approx(column["heldout_esap"], abs=1e-5)
     dirs = {"memory": tmp_path / "memory", "layers": tmp_path / "layers"}
-    for name in ("merging.json", "eep_history.json"):
-        assert json.loads((dirs["layers"] / name).read_text()) == json.loads(
-            (dirs["memory"] / name).read_text()
+    for name in ("merging.json", "eep_history.json"):  # floats to 1e-7 (test_layerwise.py)
+        assert json.loads((dirs["layers"] / name).read_text()) == approx_tree(
+            json.loads((dirs["memory"] / name).read_text())
         )
     assert json.loads((dirs["layers"] / "moeprune.json").read_text())["surgery"] == "streamed"
     config, want_config = (json.loads((d / "config.json").read_text()) for d in dirs.values())
@@ -190,7 +190,7 @@ def test_eep_merge_run_in_mode_layers_equals_the_in_memory_run(testbed, tmp_path
     api.eep(model_dir, tmp_path / "auto", **options)
     assert "running it layer by layer" in capsys.readouterr().err
     for name in ("merging.json", "eep_history.json"):
-        assert (tmp_path / "auto" / name).read_text() == (dirs["memory"] / name).read_text()
+        assert (tmp_path / "auto" / name).read_text() == (dirs["layers"] / name).read_text()
 
 
 def test_cli_eep_prune_merges_with_device_layers(run_cli, tmp_path):

@@ -61,6 +61,8 @@ def test_search_on_prompts_scores_the_models_own_continuations(run_cli, tmp_path
     assert code == 0, err
     history = json.loads((out / "search_history.json").read_text())
     assert 4 <= history["teacher"]["scored_tokens"] <= 4 * 64  # generated tokens only (gen_tokens 64)
+    # the hidden cache's T x V probabilities fit: kept (the history says so)
+    assert history["teacher"]["kind"] == "hidden" and history["teacher"]["probs_kept"] is True
     assert not (tmp_path / ".run.run").exists()
     # --gen-tokens and --gen-stop reach the recipe ('\\n' typed in a shell is a newline)
     code, _, err = run_cli(

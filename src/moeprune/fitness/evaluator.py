@@ -5,8 +5,11 @@ A candidate's hidden state at the input of decoder layer j depends only on its m
 candidates it has run, with that layer's attention output, keyed by ``(m, removed sets of the MoE
 layers before m)``; a new candidate starts from the deepest MoE layer whose key is cached, takes
 that layer's attention output from the cache, and replays only the rest.
-Results are bitwise those of a full forward (same layers, same inputs); ``reuse=False`` and
-``full_forward=True`` give the straightforward reference used by the benchmarks.
+Restarting changes nothing: the layers' outputs are bitwise those of a full forward (same layers,
+same inputs). `evaluate` also runs the last layer's MoE block on the scored positions only (the
+only rows the head reads; `LayerReplay.run_layer(rows=...)`): the same computation on fewer rows,
+equal up to float rounding of the smaller matmuls (ESAP to 1e-6, tested on every family).
+``reuse=False`` and ``full_forward=True`` give the straightforward reference used by the benchmarks.
 
 `evaluate_many` stacks up to ``candidate_batch`` candidates along the batch dimension
 (`surgery.mask_stacked`): each joins the stack at its own restart layer and all of them run the
@@ -35,7 +38,15 @@ from ..surgery import mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
 from .replay import BatchRecord, LayerReplay, StackedCalls
 from .searchset import SearchSet
-from .teacher import CACHE_KINDS, CacheKind, TeacherCache, TeacherSlice, teacher_slice
+from .teacher import (
+    CACHE_KINDS,
+    KEEP_PROBS_BYTES,
+    CacheKind,
+    TeacherCache,
+    TeacherSlice,
+    keep_teacher_probs,
+    teacher_slice,
+)
 from .totals import FitnessResult, Totals
 
 PrefixKey = tuple[int, tuple[tuple[int, ...], ...]]
@@ -199,10 +210,13 @@ def run_teacher(
     top_k: int = 64,
     keep_calls: bool = True,
     nucleus_p: float = 0.95,
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
 ) -> TeacherRun:
     """Run the unpruned `model` once over `search`: the teacher cache plus the records layer replay
     needs. ``keep_calls=False`` drops the per-layer call arguments (full-forward evaluation only).
     `top_k`: K of the sparse cache, K_max of the nucleus cache; `nucleus_p`: the nucleus's mass.
+    `keep_probs_bytes`: the hidden cache keeps the teacher's probabilities (computed once, as a
+    candidate's scoring would recompute them) when T x V float32 fit in it (0: never; `teacher`).
 
     Replaying the layers must reproduce the model's own logits; otherwise candidates are evaluated
     with a full forward each (correct, without reuse), and the reason is recorded (and warned)."""
@@ -243,6 +257,13 @@ def run_teacher(
         if not keep_calls:
             record.calls = []
         records.append(record)
+    teacher = TeacherCache(
+        kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p if cache == "nucleus" else None
+    )
+    if replay is not None:  # a hidden cache whose T x V probabilities fit: computed once, kept
+        vocab = model.config.get_text_config().vocab_size
+        probs = lambda h: torch.softmax(replay.logits_from_normed(h).float(), dim=-1)  # noqa: E731
+        keep_teacher_probs(teacher, probs, head_rows_for(device, vocab), vocab, keep_probs_bytes)
     if fallback is not None and replay is not None:
         warnings.warn(
             f"{fallback}: evaluating every candidate with a full forward (no hidden-state reuse)",
@@ -250,9 +271,7 @@ def run_teacher(
         )
     return TeacherRun(
         search=search,
-        cache=TeacherCache(
-            kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p if cache == "nucleus" else None
-        ),
+        cache=teacher,
         records=records,
         positions=positions,
         labels=labels,
@@ -357,9 +376,13 @@ class CandidateEvaluator:
                     return m, hit
         return 0, None
 
-    def _run_layers(self, plan: ExpertPlan, touched: list[PrefixKey]) -> list[torch.Tensor]:
+    def _run_layers(
+        self, plan: ExpertPlan, touched: list[PrefixKey], scored_only: bool = False
+    ) -> list[torch.Tensor]:
         """Last decoder layer's output [(B, L, H)] of the masked model (call under `mask_experts`),
-        restarting from the deepest cached MoE-layer input whose mask prefix equals `plan`'s."""
+        restarting from the deepest cached MoE-layer input whose mask prefix equals `plan`'s.
+        `scored_only`: the last layer's MoE block runs on the scored positions only, and only those
+        rows of the output are right (`LayerReplay.run_layer(rows=...)`)."""
         n_layers = self.replay.num_layers
         removed = self._removed(plan)
         start, hit = self._restart(removed, touched)
@@ -371,8 +394,11 @@ class CandidateEvaluator:
             new_states = []
             for b, (h, r) in enumerate(zip(states, self.records, strict=True)):
                 attention = stored[b] if stored is not None else None
+                rows = self.positions[b] if scored_only and i == n_layers - 1 else None
                 new_states.append(
-                    self.replay.run_layer(i, h, r, attention_output=attention, capture=captured)
+                    self.replay.run_layer(
+                        i, h, r, attention_output=attention, capture=captured, rows=rows, fast_experts=True
+                    )
                 )
             if stored is not None:
                 self.stats.attention_reused += 1
@@ -477,7 +503,7 @@ class CandidateEvaluator:
                     self._score_rows(b, rows, totals, head=False)
             else:
                 try:
-                    self._score_hidden(self._run_layers(plan, touched), totals)
+                    self._score_hidden(self._run_layers(plan, touched, scored_only=True), totals)
                 except BaseException:
                     self._settle(touched, None)
                     raise
@@ -540,24 +566,26 @@ class CandidateEvaluator:
         for i in range(0, rows.shape[0], step):
             j = min(i + step, rows.shape[0])
             logits = self.replay.head(rows[i:j]) if head else rows[i:j]  # (c, V)
-            cached = teacher.rows(i, j)
-            taught = (
-                None if cached.hidden is None else self.replay.logits_from_normed(cached.hidden)
-            )  # (c, V)
             piece = self.head_piece or j - i
             terms = []
-            for k in range(0, j - i, piece):
-                m = min(k + piece, j - i)
-                t = (
-                    cached.rows(k, m)
-                    if taught is None
-                    else TeacherSlice(probs=torch.softmax(taught[k:m].float(), -1))
-                )
-                logq = torch.log_softmax(logits[k:m].float(), dim=-1)
-                terms.append(self.fitness.fn(logq, t, labels[i + k : i + m]))
+            for k in range(i, j, piece):
+                m = min(k + piece, j)
+                logq = torch.log_softmax(logits[k - i : m - i].float(), dim=-1)
+                terms.append(self.fitness.fn(logq, self._teacher_rows(teacher, k, m), labels[k:m]))
             totals.add(
                 *(None if parts[0] is None else torch.cat(parts) for parts in zip(*terms, strict=True))
             )
+
+    def _teacher_rows(self, teacher: TeacherSlice, start: int, stop: int) -> TeacherSlice:
+        """The teacher on scored tokens start..stop-1; a hidden cache recomputes p = softmax(head(h))
+        unless it keeps p (`teacher.keep_teacher_probs`)."""
+        rows = teacher.rows(start, stop)
+        if rows.hidden is None:
+            return rows
+        if rows.kept_probs is not None:
+            return TeacherSlice(probs=rows.kept_probs)
+        logits = self.replay.logits_from_normed(rows.hidden)  # (c, V)
+        return TeacherSlice(probs=torch.softmax(logits.float(), dim=-1))
 
     @torch.inference_mode()
     def plain_forward_seconds(self, repeats: int = 1) -> float:

@@ -15,6 +15,11 @@ restarts at layer j from a cached input can also take layer j's attention output
 cached it (`run_layer(attention_output=...)`): the sub-module is swapped for one returning the stored
 value, bitwise what it would compute.
 
+The last decoder layer's output is read only at the scored positions, and an MoE block acts token
+by token: `run_layer(rows=...)` runs the layer's MoE block on those tokens only (the other rows of
+that layer's output are then only the residual stream and must not be read). On on-policy data,
+where a third of the positions are scored, that skips two thirds of the last block's experts.
+
 Stacked candidates run C copies of a batch in one call (`StackedCalls`): the recorded arguments are
 widened along the batch dimension. Which arguments have one is read off a recording of the batch
 stacked twice (their dim 0 doubles), so no family's argument layout is assumed.
@@ -27,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import attention_name, family_of, get_path
+from ..arch import attention_name, family_of, get_path, moe_layers
+from ..arch.experts import sorted_forward
 from ..arch.patching import Patches
 from ..errors import UnsupportedModelError
 from .searchset import SearchBatch
@@ -114,6 +120,25 @@ class StackedCalls:
         return self._records[copies]
 
 
+def _on_rows(inner, rows: torch.Tensor):
+    """A token-wise block's forward computed on the tokens `rows` (flat indices into its input's
+    leading dims) only: the output holds zeros elsewhere (same shape and structure as `inner`'s)."""
+
+    def forward(hidden_states, *args, **kwargs):
+        width = hidden_states.shape[-1]
+        flat = hidden_states.reshape(-1, width)  # (B * L, H)
+        if rows.numel() == 0:  # nothing scored in this batch (rare): the whole block, as it was
+            return inner(hidden_states, *args, **kwargs)
+        out = inner(flat[rows].unsqueeze(0), *args, **kwargs)  # (1, n, H) or a tuple led by it
+        main = out[0] if isinstance(out, tuple) else out
+        full = flat.new_zeros(flat.shape)
+        full[rows] = main.reshape(-1, width).to(full.dtype)
+        full = full.view(hidden_states.shape)
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    return forward
+
+
 class LayerReplay:
     """Decoder layers, final norm and LM head of one loaded causal LM."""
 
@@ -138,6 +163,10 @@ class LayerReplay:
         self.attention_names: list[str | None] = [
             attention_name(family, i, layer) for i, layer in enumerate(self.layers)
         ]
+        # decoder layer -> its sparse MoE block, where the block is a sub-module of the layer
+        self.blocks: dict[int, nn.Module] = {
+            m.index: m.block for m in moe_layers(model) if m.block is not self.layers[m.index]
+        }
 
     @property
     def num_layers(self) -> int:
@@ -188,11 +217,16 @@ class LayerReplay:
         *,
         attention_output=None,
         capture: list | None = None,
+        rows: torch.Tensor | None = None,
+        fast_experts: bool = False,
     ) -> torch.Tensor:
         """Decoder layer `index` on hidden (B, L, H) -> (B, L, H).
 
         attention_output: what the layer's attention returned for this same `hidden` in an earlier
-        run, used instead of recomputing it. capture: a list the attention's output is appended to."""
+        run, used instead of recomputing it. capture: a list the attention's output is appended to.
+        rows: flat indices (n,) into B * L: the layer's MoE block runs on those tokens only, and
+        only those rows of the output are the layer's (module docstring). fast_experts: transformers'
+        fused experts run `arch.experts.sorted_forward` where it applies (a CPU; equal up to rounding)."""
         args, kwargs = record.calls[index]
         layer, name = self.layers[index], self.attention_names[index]
         with Patches() as patches:
@@ -200,6 +234,13 @@ class LayerReplay:
                 patches.setattr(layer, name, _StoredOutput(attention_output))
             elif name is not None and capture is not None:
                 patches.forward_hook(getattr(layer, name), lambda m, a, o: capture.append(o))
+            if rows is not None and index in self.blocks:
+                patches.wrap_forward(self.blocks[index], lambda inner: _on_rows(inner, rows))
+            if fast_experts and index in self.blocks:
+                experts = getattr(self.blocks[index], "experts", None)
+                fast = sorted_forward(experts)
+                if fast is not None:
+                    patches.wrap_forward(experts, lambda inner: fast)
             out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 

@@ -171,6 +171,8 @@ def search_allocation(
             "top_k": teacher.top_k,
             **({"nucleus_p": teacher.cache.nucleus_p} if teacher.kind == "nucleus" else {}),
             "bytes": teacher.cache.nbytes(),
+            **({"probs_kept": teacher.cache.probs_kept} if teacher.kind == "hidden" else {}),
+            **({"probs_kept_bytes": teacher.cache.kept_nbytes()} if teacher.cache.probs_kept else {}),
             "seconds": round(teacher.seconds, 3),
             "scored_tokens": teacher.search.num_scored(),
         },
@@ -213,6 +215,13 @@ def evoesap(ctx: RunContext) -> Choice:
         f"{outcome.result.evaluations} candidates in {outcome.result.seconds:.1f}s (hidden-state reuse hit "
         f"rate {outcome.reuse['hit_rate']:.0%})"
     )
+    t = outcome.teacher
+    if "probs_kept" in t:  # say which way the hidden cache gives the teacher's probabilities
+        summary += (
+            f"; teacher: hidden cache, its probabilities kept in memory ({t['probs_kept_bytes'] / 2**20:.0f} MiB)"
+            if t["probs_kept"]
+            else "; teacher: hidden cache, probabilities recomputed per candidate (T x V over the memory budget)"
+        )
     if outcome.racing is not None:
         r = outcome.racing
         summary += f"; racing dropped {r['raced_out']}, saving {r['saved']:.0%} of token evaluations"
