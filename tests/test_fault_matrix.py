@@ -19,6 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,15 @@ SEARCH = ("--search-samples", "2", "--search-seq-len", "32", "--population", "4"
 
 
 def start(args, *, cwd, env=None) -> subprocess.Popen:
+    """The CLI in a child process that takes Ctrl-C as a terminal's foreground job does: a test run
+    started in the background of a non-interactive shell (CI's, say) ignores SIGINT, and a child
+    would inherit that (and rightly keep ignoring it, as any program started so)."""
     cmd = [sys.executable, "-c", "from moeprune.cli import main; main()", *map(str, args)]
     full = {**os.environ, **ENV, **(env or {})}
-    return subprocess.Popen(cmd, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def cli(args, *, cwd, env=None, timeout=300) -> tuple[int, str, str]:
