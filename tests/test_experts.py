@@ -47,3 +47,22 @@ def test_sorted_forward_keeps_out_of_other_implementations():
     assert sorted_forward(experts) is None
     assert sorted_forward(moe_layers(tiny_model("llama4_text"))[0].experts) is None  # its own experts class
     assert sorted_forward(None) is None
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "nemotron_h"])
+def test_bfloat16_rows_padded_to_a_bucket_give_the_same_outputs(family):
+    """In bfloat16 each expert's rows are zero-padded to a multiple of ROW_BUCKET (few oneDNN shapes);
+    the padding's outputs (e.g. act(bias) with biases) are dropped: the result is the module's own."""
+    model = tiny_model(family).to(torch.bfloat16)
+    layer = moe_layers(model)[-1]
+    fast = sorted_forward(layer.experts)
+    hidden = torch.randn(
+        37, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(3)
+    )
+    ids, weights = routing(37, layer.num_experts, min(layer.top_k, layer.num_experts - 1), seed=4)
+    hidden, weights = hidden.to(torch.bfloat16), weights.to(torch.bfloat16)
+    with torch.inference_mode():
+        want = layer.experts(hidden, ids, weights)
+        got = fast(hidden, ids, weights)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -12,7 +12,11 @@ matmul pair per expert that has tokens, and ``index_add_`` (in float32) for the 
 
 Equal to ``grouped_mm`` up to float rounding (the k terms are summed in another order); on the
 testbed, one CPU thread, 4.5-5% less CPU time per candidate evaluation
-(benchmarks/results/replay_profile.txt).
+(benchmarks/results/replay_profile.txt). In bfloat16/float16 each expert's rows are zero-padded to
+a multiple of `ROW_BUCKET`: oneDNN builds a primitive per matmul shape, and a search meets hundreds
+of token counts (a layer-by-layer search caps oneDNN's cache, `execute.native`): a 48-layer bf16
+search layer by layer took 19% less CPU with 64-row buckets, in memory about the same
+(benchmarks/results/row_bucket.txt).
 Anything else (other implementations, expert parallelism, another device, offloaded weights) keeps
 its own forward (`sorted_forward` returns None).
 """
@@ -26,6 +30,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# bfloat16/float16 matmuls on a CPU run in oneDNN, which builds (and caches, a bounded number) one
+# primitive per shape: expert row counts are rounded up to a multiple of this (zero rows, dropped
+# after), so that a search's many token counts share a few shapes. float32 goes to BLAS: no rounding.
+ROW_BUCKET = 64
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_is_expert_parallel")
 
 
@@ -63,17 +71,20 @@ def _forward(
     up = self.gate_up_proj if self.has_gate else self.up_proj  # (E, 2I or I, H), or (E, H, .) transposed
     up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
+    bucket = ROW_BUCKET if x.dtype in (torch.bfloat16, torch.float16) else 1
     parts = []
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        h = _linear(x[start : start + n], up[e], None if up_bias is None else up_bias[e], self.is_transposed)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (n, I)
+        rows = x[start : start + n]  # (n, H), zero-padded to (n', H): n' = n rounded up to `bucket`
+        rows = rows if n % bucket == 0 else F.pad(rows, (0, 0, 0, bucket - n % bucket))
+        h = _linear(rows, up[e], None if up_bias is None else up_bias[e], self.is_transposed)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (n', I)
         h = _linear(h, self.down_proj[e], None if down_bias is None else down_bias[e], self.is_transposed)
         if self.has_post_expert_norm:
             h = self.post_expert_norm(h)
-        parts.append(h)  # (n, H)
+        parts.append(h[:n])  # (n, H)
         start += n
     out = (
         torch.cat(parts).float() if parts else x.new_zeros((0, hidden_states.shape[-1]), dtype=torch.float32)

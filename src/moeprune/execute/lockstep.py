@@ -78,6 +78,7 @@ class LayerwiseEvaluator(CandidateEvaluator):
         changes = [{j: c for j, c in layer_changes(p).items() if j in moe} for p in plans]
         layer = {m.index: m for m in moe_layers(self.model)}  # masks check only the layer that runs
         lm, store = self.lm, self.lm._store()
+        last = self.replay.num_layers - 1  # its MoE block runs on the scored rows only (as in memory)
         try:
             # prefix tree: (changes of the MoE layers run so far) -> (member plans, hidden-state keys)
             groups: dict[tuple, tuple[list[int], list[int]]] = {
@@ -95,7 +96,14 @@ class LayerwiseEvaluator(CandidateEvaluator):
                             out = []
                             for b, key in enumerate(keys):
                                 h = store.get(key).to(self.device)
-                                out.append(store.put(self.replay.run_layer(j, h, self.records[b])))
+                                rows = self.positions[b] if j == last else None
+                                out.append(
+                                    store.put(
+                                        self.replay.run_layer(
+                                            j, h, self.records[b], rows=rows, fast_experts=True
+                                        )
+                                    )
+                                )
                         grown[prefix + ((j, key_j),) if j in moe else prefix] = (subset, out)
                         self.stats.layers_run += 1
                         self.shared_runs += len(subset) - 1
