@@ -48,3 +48,20 @@ def run_cli(capsys, monkeypatch):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{(family, layout): checkpoint dir}, written in small shards (per-expert 'hub' or 'fused')."""
+    cache: dict = {}
+
+    def make(family: str, layout: str = "hub") -> Path:
+        if (family, layout) not in cache:
+            path = tmp_path_factory.mktemp(f"{family}-{layout}")
+            tiny_model(family).save_pretrained(
+                path, max_shard_size="20KB", save_original_format=layout == "hub"
+            )
+            cache[family, layout] = path
+        return cache[family, layout]
+
+    return make

@@ -22,22 +22,6 @@ from tiny_models import tiny_model
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe"]
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache: dict = {}
-
-    def make(family: str, layout: str = "hub") -> Path:
-        if (family, layout) not in cache:
-            path = tmp_path_factory.mktemp(f"{family}-{layout}")
-            tiny_model(family).save_pretrained(
-                path, max_shard_size="20KB", save_original_format=layout == "hub"
-            )
-            cache[family, layout] = path
-        return cache[family, layout]
-
-    return make
-
-
 @pytest.mark.parametrize("layout", ["hub", "fused"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recipe_loads_what_transformers_converts(family, layout, saved):

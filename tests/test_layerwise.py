@@ -34,7 +34,6 @@ from moeprune.surgery import load, mask_experts
 from moeprune.testbed import load_testbed, token_split
 from moeprune.testbed import testbed_dirs as bundled_testbed
 from test_core_matrix import make_plan
-from tiny_models import tiny_model
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe"]
 STATS = (
@@ -60,23 +59,6 @@ def tokens(samples: int = 5, length: int = 9) -> TokenSet:
 def search_set(samples: int = 6, length: int = 12) -> SearchSet:
     ids = torch.randint(3, 128, (samples, length), generator=torch.Generator().manual_seed(2))
     return SearchSet.from_tensors(ids, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """{(family, layout): checkpoint dir}, written in small shards (per-expert 'hub' or 'fused')."""
-    cache: dict = {}
-
-    def make(family: str, layout: str = "hub") -> Path:
-        if (family, layout) not in cache:
-            path = tmp_path_factory.mktemp(f"{family}-{layout}")
-            tiny_model(family).save_pretrained(
-                path, max_shard_size="20KB", save_original_format=layout == "hub"
-            )
-            cache[family, layout] = path
-        return cache[family, layout]
-
-    return make
 
 
 def assert_same_stats(got, want, tol: float = 1e-6) -> None:
