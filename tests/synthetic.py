@@ -82,3 +82,18 @@ def write_synthetic_checkpoint(out: Path, config, *, shard_bytes: int, dtype=tor
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
     return out
+
+
+def over_the_cap_checkpoint(out: Path, cap: int = 400_000_000) -> tuple[Path, int, dict]:
+    """(checkpoint, cap, env): a ~600 MB synthetic Qwen3-MoE checkpoint, more than 1.5x `cap` bytes,
+    and the environment of a capped child process (one thread, two malloc arenas, moeprune importable)."""
+    import os
+
+    import moeprune
+
+    config = qwen3_moe_config(layers=8, experts=64, hidden=512, intermediate=384, vocab_size=1024)
+    src = write_synthetic_checkpoint(out, config, shard_bytes=50_000_000)
+    assert sum(f.stat().st_size for f in src.glob("*.safetensors")) > 1.5 * cap
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(moeprune.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    return src, cap, env

@@ -6,11 +6,9 @@ multiple choice; and it works on a checkpoint larger than the memory the process
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -397,15 +395,9 @@ CAPPED = textwrap.dedent(
 def test_observes_and_scores_a_checkpoint_larger_than_the_memory_cap(tmp_path):
     """A ~600 MB checkpoint, a process allowed 400 MB of address space beyond what importing moeprune
     takes: layer by layer it is observed and a plan scored; loading it in memory fails under the cap."""
-    from synthetic import qwen3_moe_config, write_synthetic_checkpoint
+    from synthetic import over_the_cap_checkpoint
 
-    config = qwen3_moe_config(layers=8, experts=64, hidden=512, intermediate=384, vocab_size=1024)
-    src = write_synthetic_checkpoint(tmp_path / "src", config, shard_bytes=50_000_000)
-    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    cap = 400_000_000
-    assert size > 1.5 * cap
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(moeprune.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    src, cap, env = over_the_cap_checkpoint(tmp_path / "src")
 
     def run(mode: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-import moeprune
 from moeprune import api
 from moeprune.arch import moe_layers
 from moeprune.errors import MoepruneError
@@ -407,15 +406,10 @@ CAPPED = textwrap.dedent(
 def test_prunes_a_checkpoint_larger_than_the_memory_cap(tmp_path):
     """A ~600 MB checkpoint, a process allowed 400 MB of address space beyond what importing moeprune
     takes: streaming prunes it; loading it in memory fails under the same cap."""
-    from synthetic import qwen3_moe_config, write_synthetic_checkpoint
+    from synthetic import over_the_cap_checkpoint
 
-    config = qwen3_moe_config(layers=8, experts=64, hidden=512, intermediate=384, vocab_size=1024)
-    src = write_synthetic_checkpoint(tmp_path / "src", config, shard_bytes=50_000_000)
+    src, cap, env = over_the_cap_checkpoint(tmp_path / "src")
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    cap = 400_000_000
-    assert size > 1.5 * cap
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(moeprune.__file__).parents[1]), env.get("PYTHONPATH", "")])
 
     def run(mode: str) -> subprocess.CompletedProcess:
         return subprocess.run(
