@@ -512,7 +512,10 @@ class LayerwiseModel:
         return self.run_pass(search=search, cache=cache, top_k=top_k, nucleus_p=nucleus_p)[1]
 
     def _teacher(self, search, records, keys, store, options: dict, t0) -> TeacherRun:
-        """The teacher cache (`options`: kind, top_k, nucleus_p) from the last layer's outputs."""
+        """The teacher cache (`options`: kind, top_k, nucleus_p) from the last layer's outputs. A hidden
+        cache does not keep the teacher's probabilities here (`fitness.teacher.keep_teacher_probs`):
+        layer by layer memory comes first (T x V float32 would stay for the whole search), so each
+        candidate's scoring recomputes them from the kept final states."""
         cache, top_k, nucleus_p = options["kind"], options["top_k"], options["nucleus_p"]
         search = search.to(self.device)
         positions = [b.scored_positions() for b in search.batches]
