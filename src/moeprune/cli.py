@@ -12,7 +12,6 @@ import typer
 from rich.console import Console
 
 from .errors import MoepruneError
-from .racing import DEFAULT_Z
 
 # help text is plain (rich_markup_mode=None): '[expert ids]' in a help line is text, not markup
 app = typer.Typer(name="moeprune", help="Prune experts of Mixture-of-Experts language models and write smaller "
@@ -50,7 +49,7 @@ Executor = Annotated[str, opt("--executor", "Where candidates are scored: local 
 RayAddress = Annotated[str | None, opt("--ray-address", "Ray cluster HOST:PORT (default: start a local one).")]
 Workers = Annotated[int | None, opt("--workers", "Ray workers (default: one per GPU, else per CPU).")]
 Racing = Annotated[str, opt("--racing", "on: score candidates slice by slice, drop clear losers early; off: exact.")]
-RacingZ = Annotated[float, opt("--racing-z", "Drop when mean + z * se of the paired differences to the worst elite < 0.")]
+RacingZ = Annotated[float | None, opt("--racing-z", "Drop when mean + z * se of the paired differences to the worst elite < 0 [default: 1 search, 2 eep-prune].")]
 GenTokens = Annotated[int, opt("--gen-tokens", "Prompt rows (on-policy data): tokens the model writes per prompt.")]
 GenStop = Annotated[str | None, opt("--gen-stop", "Prompt rows: end each answer after this text (e.g. '\\n'), else at eos.")]
 # fmt: on
@@ -170,7 +169,7 @@ def search(
     top_k: TopK = 64, text_field: TextField = "text", num_samples: Samples = 128, seq_len: SeqLen = 512,
     search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256, device: Device = "cpu",
     candidate_batch: Stack = 1, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
-    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z, gen_tokens: GenTokens = 64, gen_stop: GenStop = None,
+    racing: Racing = "on", racing_z: RacingZ = None, gen_tokens: GenTokens = 64, gen_stop: GenStop = None,
 ) -> None:  # fmt: skip
     """EvoESAP: search how many experts each layer loses (global --sparsity), prune, save to --out."""
     _execute(_build(
@@ -198,7 +197,7 @@ def eep_prune(
     seq_len: SeqLen = 512, search_samples: SearchSamples = 16, search_seq_len: SearchSeqLen = 256,
     cache: Cache = "hidden", top_k: TopK = 64, device: Device = "cpu", candidate_batch: Stack = 1,
     resume: Resume = False, executor: Executor = "local", ray_address: RayAddress = None, workers: Workers = None,
-    racing: Racing = "on", racing_z: RacingZ = DEFAULT_Z, gen_tokens: GenTokens = 64, gen_stop: GenStop = None,
+    racing: Racing = "on", racing_z: RacingZ = None, gen_tokens: GenTokens = 64, gen_stop: GenStop = None,
 ) -> None:  # fmt: skip
     """EEP: search which experts each layer keeps (uniform --sparsity), merge the others in, save --out."""
     _execute(_build(

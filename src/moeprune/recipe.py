@@ -8,7 +8,7 @@ demo, Python), holding every check once. `api.run` carries a `Recipe` out.
     criterion: frequency             # within-layer ranking: observe -> criterion
     calibration: {data: calib.jsonl, samples: 128, seq_len: 512}    # or stats: STATS_DIR
     search: {data: {data: search.jsonl, samples: 16, seq_len: 256}, population: 32, generations: 50,
-             racing: true, racing_z: 2.0, racing_slices: 4}
+             racing: true, racing_z: 1.0, racing_slices: 4}
     evaluate: {suite: testbed, lm_eval: [moeprune_mc], limit: 100}
     seed: 0
     device: cpu
@@ -39,7 +39,7 @@ from pydantic import (
 )
 
 from .errors import MoepruneError, did_you_mean
-from .racing import DEFAULT_SLICES, DEFAULT_Z
+from .racing import DEFAULT_SLICES, DEFAULT_Z, EEP_Z
 from .registry import Registry
 
 # The allocations a run can use: name -> pipeline ``choose(ctx) -> Choice`` (moeprune.pipelines),
@@ -127,13 +127,15 @@ class SearchSpec(_Strict):
     workers: int | None = Field(None, ge=1)  # Ray actors (default: one per GPU, or per CPU)
     # racing (`moeprune.racing`): candidates scored slice by slice, dropped when clearly below the worst elite
     racing: bool = True  # off: every candidate on every token (the exact search)
-    racing_z: float = DEFAULT_Z  # z of the paired bound; inf never drops (= the exact search)
+    # z of the paired bound; inf never drops (= the exact search); default: the allocation's
+    # (EvoESAP racing.DEFAULT_Z, EEP racing.EEP_Z), filled in by `Recipe`
+    racing_z: float | None = None
     racing_slices: int = DEFAULT_SLICES  # slices of the search batches (off with fewer than 2 batches)
 
     @field_validator("racing_z")
     @classmethod
-    def _racing_z(cls, v: float) -> float:
-        if not v > 0:
+    def _racing_z(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
             raise ValueError(f"must be > 0 (inf: never drop a candidate), got {v}")
         return v
 
@@ -317,6 +319,8 @@ class Recipe(_Strict):
         ev = self.evaluate
         if ev is not None and ev.suite is None and not ev.lm_eval and ev.heldout is None:
             raise ValueError("evaluate needs a suite, lm_eval tasks or heldout data")
+        if self.search is not None and self.search.racing_z is None:
+            self.search.racing_z = EEP_Z if a == "eep" else DEFAULT_Z
         return self
 
     def _layers_can_run(self) -> None:

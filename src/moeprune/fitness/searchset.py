@@ -95,14 +95,27 @@ class SearchSet:
         return out
 
     @classmethod
-    def from_tokens(cls, data, batch_size: int | None = None, min_batches: int = 1) -> SearchSet:
-        """From a `data.TokenSet` (or anything with input_ids, attention_mask, score_mask)."""
+    def from_tokens(
+        cls, data, batch_size: int | None = None, min_batches: int = 1, shuffle_seed: int | None = None
+    ) -> SearchSet:
+        """From a `data.TokenSet` (or anything with input_ids, attention_mask, score_mask). With
+        `shuffle_seed` the rows are first put in a seeded random order, so that every batch holds
+        rows of every domain (or prompt kind) the data has: racing's first slices then stand for the
+        whole set (benchmarks/racing.py --mix). The exact fitness, a mean over every scored token,
+        does not depend on the order."""
         if isinstance(data, SearchSet):
             return data
-        mask = getattr(data, "attention_mask", None)
-        return cls.from_tensors(
-            data.input_ids, mask, getattr(data, "score_mask", None), batch_size, min_batches
+        ids, mask, score = (
+            data.input_ids,
+            getattr(data, "attention_mask", None),
+            getattr(data, "score_mask", None),
         )
+        if shuffle_seed is not None:
+            perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(shuffle_seed))  # (N,)
+            ids = ids[perm]
+            mask = mask[perm] if mask is not None else None
+            score = score[perm] if score is not None else None
+        return cls.from_tensors(ids, mask, score, batch_size, min_batches)
 
     def to(self, device: torch.device | str) -> SearchSet:
         """The same batches on `device` (the model's, for a model on GPU)."""

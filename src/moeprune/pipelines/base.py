@@ -311,8 +311,11 @@ class RunContext:
     def _search_set(self):
         from ..fitness import SearchSet
 
-        # racing on or off: the same batches
-        return SearchSet.from_tokens(self.search_tokens, min_batches=self.spec.search.racing_slices)
+        # racing on or off: the same batches, rows in the data seed's random order (every batch holds
+        # every domain, so racing's first slices stand for the whole set)
+        s = self.spec.search
+        seed = self.spec.seed if s.data.seed is None else s.data.seed
+        return SearchSet.from_tokens(self.search_tokens, min_batches=s.racing_slices, shuffle_seed=seed)
 
     def _layer_pass(self) -> None:
         """Layer by layer: the statistics, and the teacher when the run searches, from ONE stream of

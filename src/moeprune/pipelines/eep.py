@@ -19,7 +19,7 @@ from ..fitness import TeacherRun
 from ..merge import EEPConfig, MergeConfig, layer_choices, search_merges, search_selections
 from ..merge.active import reduced_active_experts
 from ..plan import ExpertPlan, uniform_counts, validate_plan
-from ..racing import DEFAULT_SLICES, DEFAULT_Z
+from ..racing import DEFAULT_SLICES, EEP_Z
 from .base import STATE_FILES, Choice, RunContext
 
 
@@ -42,7 +42,7 @@ def select_experts(
     checkpoint_every: int = 5,
     executor: Executor | None = None,
     racing: bool = True,
-    racing_z: float = DEFAULT_Z,
+    racing_z: float = EEP_Z,
     racing_slices: int = DEFAULT_SLICES,
 ):
     """EEP's prune phase: which experts each MoE layer keeps, scored by `fitness` against `teacher` by
@@ -91,7 +91,7 @@ def merge_into_anchors(
     checkpoint_every: int = 5,
     executor: Executor | None = None,
     racing: bool = True,
-    racing_z: float = DEFAULT_Z,
+    racing_z: float = EEP_Z,
     racing_slices: int = DEFAULT_SLICES,
 ):
     """EEP's merge phase: with `anchors` (the experts each layer keeps) fixed, search the merging
