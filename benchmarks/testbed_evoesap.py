@@ -7,8 +7,10 @@ the uniform plan, and EvoESAP searches under three configurations, each with sev
               scoring (racing off), population P x G generations        -- the earlier default
     onpolicy  on-policy data: the unpruned model answers the search split's arithmetic questions
               (search_prompts.jsonl, one line, at most 8 tokens), only its answers scored; exact, P x G
-    racing    the same on-policy data, racing on (the default), a larger budget P2 x G2 chosen to cost
-              about the wall time of `text`                               -- the default configuration
+    racing    the same on-policy data, racing on (the default: z = 1), a larger budget P2 x G2 chosen
+              to cost about the wall time of `text`                       -- the default configuration
+
+Every configuration's search rows are in the seed's random order, as the pipeline builds them.
 
 Every plan is evaluated by exact masking: ESAP on held-out text (dense teacher), per-domain perplexity,
 generation exact match, multiple-choice accuracy, and greedy agreement with the unpruned model (share
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--population", type=int, default=16, help="P (text, onpolicy)")
     p.add_argument("--generations", type=int, default=10, help="G (text, onpolicy)")
     p.add_argument("--racing-population", type=int, default=24, help="P2 (racing)")
-    p.add_argument("--racing-generations", type=int, default=16, help="G2 (racing)")
+    p.add_argument("--racing-generations", type=int, default=12, help="G2 (racing)")
     p.add_argument("--prompts", type=int, default=256, help="on-policy questions")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration windows per domain")
     p.add_argument("--heldout-samples", type=int, default=2, help="held-out windows per domain")
@@ -107,13 +109,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def search_data(config: str, seed: int) -> SearchSet:
         if config == "text":
-            return SearchSet.from_tokens(
-                token_split(tok, data_dir / "search.jsonl", 2, 256, seed), min_batches=4
+            data = token_split(tok, data_dir / "search.jsonl", 2, 256, seed)
+        else:
+            data = continue_prompts(
+                model, tok, prompts, gen_tokens=8, num_samples=args.prompts, seed=seed, stop="\n"
             )
-        data = continue_prompts(
-            model, tok, prompts, gen_tokens=8, num_samples=args.prompts, seed=seed, stop="\n"
-        )
-        return SearchSet.from_tokens(data, min_batches=4)  # as the pipeline builds it (racing's 4 slices)
+        # as the pipeline builds it: rows in the seed's random order, racing's 4 slices
+        return SearchSet.from_tokens(data, min_batches=4, shuffle_seed=seed)
 
     unpruned = evaluate(model, tok, None, suite, heldout, None)
     reference = unpruned["predictions"]

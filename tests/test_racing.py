@@ -254,6 +254,34 @@ def test_slices_combine_into_the_one_pass_result_bitwise(tiny, cache, fitness):
     assert one.totals is None and "totals" not in one.as_dict()
 
 
+def test_shuffled_rows_seeded_and_the_exact_fitness_unchanged(tiny):
+    """The pipeline's search rows are in a seeded random order: the same rows, the same order for a
+    seed, every mask moved with its row; the exact (one-pass) fitness is the same to rounding."""
+    model, search, _ = tiny
+    rows = [(b.input_ids, b.attention_mask, b.score_mask) for b in search.batches]
+    ids, mask, score = (torch.cat(t) for t in zip(*rows, strict=True))
+    score = score.clone()
+    score[2, :6] = False  # a prompt part, not scored
+
+    class Tokens:
+        input_ids, attention_mask, score_mask = ids, mask, score
+
+    plain = SearchSet.from_tokens(Tokens, batch_size=2)
+    a, b, c = (SearchSet.from_tokens(Tokens, batch_size=2, shuffle_seed=s) for s in (5, 5, 6))
+    flat = [torch.cat([getattr(x, f) for x in s.batches]) for s in (a, b, c) for f in ("input_ids",)]
+    assert (
+        torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2]) and not torch.equal(flat[0], ids)
+    )
+    rows_of = {tuple(r.tolist()): (m.tolist(), s.tolist()) for r, m, s in zip(ids, mask, score, strict=True)}
+    got = [(tuple(r.tolist()), (m.tolist(), s.tolist())) for x in a.batches for r, m, s in zip(x.input_ids, x.attention_mask, x.score_mask, strict=True)]  # fmt: skip
+    assert sorted(r for r, _ in got) == sorted(rows_of) and all(rows_of[r] == ms for r, ms in got)
+    plan = {0: [0, 1, 2], 1: [3, 4], 2: [5, 6, 7]}
+    one, other = (
+        Scorer(model, run_teacher(model, s, cache="dense")).score(ScoreSpec(), [plan])[0] for s in (plain, a)
+    )
+    assert one.tokens == other.tokens and other.value == pytest.approx(one.value, abs=1e-6)
+
+
 def counts_search(tiny, state=None, **options):
     model, search, order = tiny
     teacher = run_teacher(model, search, cache="sparse", top_k=8)
