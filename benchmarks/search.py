@@ -3,9 +3,10 @@ side in one process, over several seeds and both kinds of search data.
 
 default    what `moeprune search` runs: the hidden-state teacher cache (``cache="hidden"``, exact; the
            teacher's probabilities computed once and kept where T x V float32 fit 256 MiB, as here),
-           racing on with its defaults (z = 2, 4 slices of the search batches; `moeprune.racing`,
+           racing on with its defaults (z = 1, 4 slices of the search batches; `moeprune.racing`,
            `execute.slices.search_scoring`), prefix reuse, the last layer's MoE block and the head on the scored rows only; search
-           batches built as the pipeline builds them (``SearchSet.from_tokens(tokens, min_batches=4)``)
+           batches built as the pipeline builds them (``SearchSet.from_tokens(tokens, min_batches=4,
+           shuffle_seed=seed)``: rows in the seed's random order, so every batch holds every domain)
            and scored by `pipelines.evoesap.search_allocation(..., racing=True)`.
 reference  a dense full-vocabulary teacher cache, a full forward per candidate, log-softmax and ESAP on
            every scored row's whole logits at once, every candidate on every token (no racing).
@@ -29,7 +30,7 @@ against each cache, outside the timed windows).
 
     python benchmarks/search.py [--kinds text,onpolicy] [--seeds 0,1,2] [--population 16 --generations 10]
     python benchmarks/search.py --device cuda --threads 4     # the same on a GPU
-    python benchmarks/search.py --mix --racing-z 1            # rows shuffled, racing z = 1 (a variant)
+    python benchmarks/search.py --as-loaded --racing-z 2      # rows grouped as loaded, z = 2 (the earlier default)
 """
 
 from __future__ import annotations
@@ -145,22 +146,17 @@ class TimedExecutor(LocalExecutor):
 
 
 def search_data(
-    kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int, mix: bool = False
+    kind: str, seed: int, tok, model, data_dir: Path, prompts, samples: int, seq_len: int, mix: bool = True
 ):
     """(SearchSet as the pipeline builds it, seconds spent generating on-policy answers); `mix`: its
-    rows in a seeded random order first (benchmarks/racing.py --mix), so every batch holds every domain."""
+    rows in the seed's random order (the pipeline's), else grouped by domain as loaded."""
     t0 = time.perf_counter()
     if kind == "text":
         data, gen_s = token_split(tok, data_dir / "search.jsonl", samples, seq_len, seed), 0.0
     else:
         data = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=seed, stop="\n")
         gen_s = time.perf_counter() - t0
-    if not mix:
-        return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES), gen_s
-    perm = torch.randperm(data.input_ids.shape[0], generator=torch.Generator().manual_seed(0))
-    return SearchSet.from_tensors(
-        data.input_ids[perm], data.attention_mask[perm], data.score_mask[perm], min_batches=DEFAULT_SLICES
-    ), gen_s
+    return SearchSet.from_tokens(data, min_batches=DEFAULT_SLICES, shuffle_seed=seed if mix else None), gen_s
 
 
 def default_search(
@@ -349,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--candidate-batch", type=int, default=1, help="default search: candidates per forward")
     p.add_argument("--racing-z", type=float, default=DEFAULT_Z, help="the default search's racing z")
     p.add_argument(
-        "--mix", action="store_true", help="search rows in a seeded random order (every domain per batch)"
+        "--as-loaded",
+        action="store_true",
+        help="search rows grouped by domain as loaded (not the pipeline's order)",
     )
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
@@ -369,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         f"H={text_cfg.hidden_size}) | {args.criterion} order | sparsity {args.sparsity} | population "
         f"{args.population} x {args.generations} generations | seeds {seeds} | device {args.device}, "
         f"{args.threads} thread(s) of {os.cpu_count()} cores | default's racing z {args.racing_z}, {DEFAULT_SLICES} "
-        f"slices | search rows {'mixed (seeded order)' if args.mix else 'as loaded'} | load average (1/5 min) {load()}",
+        f"slices | search rows {'as loaded' if args.as_loaded else 'in the seed order'} | load average (1/5 min) {load()}",
         flush=True,
     )
     report: dict = {"settings": vars(args), "kinds": {}}
@@ -377,7 +375,15 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for seed in seeds:
             search, gen_s = search_data(
-                kind, seed, tok, model, data_dir, prompts, args.search_samples, args.seq_len, args.mix
+                kind,
+                seed,
+                tok,
+                model,
+                data_dir,
+                prompts,
+                args.search_samples,
+                args.seq_len,
+                not args.as_loaded,
             )
             cfg = EvoConfig(population=args.population, generations=args.generations, seed=seed)
             # the other caches, scored on the reference's logits (outside its timed window)
