@@ -518,8 +518,7 @@ class LayerwiseModel:
         candidate's scoring recomputes them from the kept final states."""
         cache, top_k, nucleus_p = options["kind"], options["top_k"], options["nucleus_p"]
         search = search.to(self.device)
-        positions = [b.scored_positions() for b in search.batches]
-        labels = [b.labels()[p] for b, p in zip(search.batches, positions, strict=True)]
+        positions, labels = search.scored_rows()
         slices = []
         with self.loaded("head"):
             for b, key in enumerate(keys):
@@ -538,9 +537,7 @@ class LayerwiseModel:
             record.layer0_input = record.layer0_input.to("cpu")
         return TeacherRun(
             search=search,
-            cache=TeacherCache(
-                kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p if cache == "nucleus" else None
-            ),
+            cache=TeacherCache(kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p),
             records=records,
             positions=positions,
             labels=labels,

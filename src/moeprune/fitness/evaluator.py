@@ -236,8 +236,7 @@ def run_teacher(
             f"the hidden teacher cache needs layer replay ({fallback}); using the dense cache", stacklevel=3
         )
         cache = "dense"
-    positions = [b.scored_positions() for b in search.batches]  # (n_b,) flat indices
-    labels = [b.labels()[p] for b, p in zip(search.batches, positions, strict=True)]  # (n_b,)
+    positions, labels = search.scored_rows()  # per batch (n_b,) flat indices, (n_b,) next tokens
     t0 = time.perf_counter()
     records: list[BatchRecord] = []
     slices = []
@@ -257,9 +256,7 @@ def run_teacher(
         if not keep_calls:
             record.calls = []
         records.append(record)
-    teacher = TeacherCache(
-        kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p if cache == "nucleus" else None
-    )
+    teacher = TeacherCache(kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p)
     if replay is not None:  # a hidden cache whose T x V probabilities fit: computed once, kept
         vocab = model.config.get_text_config().vocab_size
         probs = lambda h: torch.softmax(replay.logits_from_normed(h).float(), dim=-1)  # noqa: E731

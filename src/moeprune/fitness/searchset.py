@@ -121,6 +121,11 @@ class SearchSet:
         """The same batches on `device` (the model's, for a model on GPU)."""
         return SearchSet([b.to(device) for b in self.batches])
 
+    def scored_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per batch, the flat indices of the scored positions (n_b,) and their next tokens (n_b,)."""
+        positions = [b.scored_positions() for b in self.batches]
+        return positions, [b.labels()[p] for b, p in zip(self.batches, positions, strict=True)]
+
     def num_scored(self) -> int:
         return sum(int(b.scored_positions().numel()) for b in self.batches)
 

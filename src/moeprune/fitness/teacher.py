@@ -137,6 +137,10 @@ class TeacherCache:
     slices: list[TeacherSlice]
     nucleus_p: float | None = None  # the nucleus cache's mass (None for the other kinds)
 
+    def __post_init__(self) -> None:
+        if self.kind != "nucleus":
+            self.nucleus_p = None
+
     def nbytes(self) -> int:
         """Bytes of the cache (without the hidden cache's kept probabilities)."""
         return sum(s.nbytes() for s in self.slices)
