@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--generations", type=int, default=6)
     p.add_argument("--search-samples", type=int, default=6, help="windows per domain (5 domains)")
     p.add_argument("--seq-len", type=int, default=48)
-    p.add_argument("--mix", action="store_true", help="shuffle the search windows (domains mixed in batches)")
+    p.add_argument(
+        "--mix", action="store_true", help="shuffle the search rows (domains mixed in batches), as a run does"
+    )
     p.add_argument(
         "--onpolicy", action="store_true",
         help="search on the demo's on-policy data instead (the unpruned model answers the search split's 256 "
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the report here")
+    p.add_argument("--no-timing", action="store_true", help="skip phase 3 (the timed exact/raced pairs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     zs = sorted((float(z) for z in args.z.split(",")), reverse=True)
@@ -106,15 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         tokens = continue_prompts(model, tok, prompts, gen_tokens=8, num_samples=256, seed=0, stop="\n")
     else:
         tokens = token_split(tok, data_dir / "search.jsonl", args.search_samples, args.seq_len, 0)
-    if args.mix and not args.onpolicy:  # a seeded permutation: every batch holds several domains
-        perm = torch.randperm(tokens.input_ids.shape[0], generator=torch.Generator().manual_seed(0))
-        tokens = type(tokens)(
-            tokens.input_ids[perm], tokens.attention_mask[perm], tokens.score_mask[perm],
-            [tokens.domains[i] for i in perm.tolist()],
-        )  # fmt: skip
-    search = SearchSet.from_tokens(
-        tokens, min_batches=args.slices
-    )  # as a run builds it (`RunContext.teacher`)
+    # as a run builds it (`RunContext._search_set`): with --mix the rows in a seeded random order
+    # (every batch holds several domains / prompt kinds), else as loaded
+    search = SearchSet.from_tokens(tokens, min_batches=args.slices, shuffle_seed=0 if args.mix else None)
     teacher = run_teacher(model, search, cache="hidden")  # the default cache (exact)
     full = search.num_scored()
     say(
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.population} x {args.generations} generations, search set {len(search.batches)} batches of "
         f"{'/'.join(str(b.input_ids.shape[0]) for b in search.batches)} "
         + (
-            f"on-policy answers x {search.batches[0].input_ids.shape[1]} tokens ("
+            f"on-policy answers x {search.batches[0].input_ids.shape[1]} tokens ({'shuffled; ' if args.mix else ''}"
             if args.onpolicy
             else f"windows x {args.seq_len} tokens ({'shuffled' if args.mix else 'grouped by domain, as loaded'}; "
         )
@@ -195,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if keep:
         chosen = max(keep, key=lambda r: r[1])[0]
         say(f"largest saving with the plan unchanged in >= 90% of the seeds: z = {chosen:g}")
+    if keep and not args.no_timing:
         say(
             f"\nphase 3: at z = {chosen:g}, the exact (racing off) and the raced search of each seed, cold, alternating"
         )
