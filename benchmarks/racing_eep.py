@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--criterion", default="frequency")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--kinds", default="onpolicy,text", help="search data: onpolicy, text (comma-separated)")
+    p.add_argument(
+        "--random-start", action="store_true",
+        help="no seed plan: the selection search starts from random selections only",
+    )  # fmt: skip
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--iterations", type=int, default=12)
     p.add_argument("--search-samples", type=int, default=6, help="text windows per domain (5 domains)")
@@ -151,8 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     calib = token_split(tok, data_dir / "calibration.jsonl", 8, 256, 0)
     stats = observe_for(model, calib, [args.criterion], seed=0, progress=False)
     seed_plan = choose_removed(stats, args.criterion, uniform_counts(stats, args.sparsity), 0)
+    starts = () if args.random_start else (seed_plan,)
+    start = "random selections only start" if args.random_start else f"{args.criterion} plan seeds"
     say(
-        f"testbed {model_dir.name}: {args.criterion} plan seeds the selection search, sparsity {args.sparsity}; "
+        f"testbed {model_dir.name}: {start} the selection search, sparsity {args.sparsity}; "
         f"selection population {args.population} x {args.iterations} iterations, search seeds "
         f"0..{args.seeds - 1}; merge population {args.merge_population} x {args.merge_iterations} iterations, "
         f"seeds 0..{args.merge_seeds - 1}; {args.slices} slices"
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         def select(seed, executor, z, teacher=teacher):
             return select_experts(
                 model, teacher, sparsity=args.sparsity, population=args.population, iterations=args.iterations,
-                seed=seed, seeds=(seed_plan,), progress=False, executor=executor, racing=True, racing_z=z,
+                seed=seed, seeds=starts, progress=False, executor=executor, racing=True, racing_z=z,
                 racing_slices=args.slices,
             )  # fmt: skip
 
