@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slices", type=int, default=4)
     p.add_argument("--z", default="0.5,1,1.5,2,3", help="comma-separated z values to race with")
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--first-seed", type=int, default=0, help="search seeds first-seed..first-seed+seeds-1")
     p.add_argument("--merge-seeds", type=int, default=0, help="also the merge search for seeds 0..N-1")
     p.add_argument("--merge-population", type=int, default=8)
     p.add_argument("--merge-iterations", type=int, default=10)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     say(
         f"testbed {model_dir.name}: {start} the selection search, sparsity {args.sparsity}; "
         f"selection population {args.population} x {args.iterations} iterations, search seeds "
-        f"0..{args.seeds - 1}; merge population {args.merge_population} x {args.merge_iterations} iterations, "
+        f"{args.first_seed}..{args.first_seed + args.seeds - 1}; merge population {args.merge_population} x {args.merge_iterations} iterations, "
         f"seeds 0..{args.merge_seeds - 1}; {args.slices} slices"
     )
     for kind in args.kinds.split(","):
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
         exact = sweep(
             say, f"{kind} selection", select, lambda teacher=teacher: Memo(LocalExecutor(model, teacher)),
-            list(range(args.seeds)), zs, full, lambda o: o.best_selection,
+            list(range(args.first_seed, args.first_seed + args.seeds)), zs, full, lambda o: o.best_selection,
         )  # fmt: skip
         if args.merge_seeds > 0:
 
