@@ -53,8 +53,12 @@ class Memo(Executor):
     def __init__(self, inner: Executor) -> None:
         self.inner, self.seen, self.scored_tokens = inner, {}, 0
 
+    def key(self, candidate) -> str:
+        """What identifies a candidate (an `ExpertPlan`) in the memo."""
+        return json.dumps(candidate.to_dict(), sort_keys=True)
+
     def score(self, spec, candidates):
-        keys = [(spec, json.dumps(c.to_dict(), sort_keys=True)) for c in candidates]
+        keys = [(spec, self.key(c)) for c in candidates]
         todo = {k: c for k, c in zip(keys, candidates, strict=True) if k not in self.seen}
         for k, r in zip(todo, self.inner.score(spec, list(todo.values())), strict=True):
             self.seen[k] = r

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -9,6 +10,8 @@ import yaml
 
 from moeprune.api import expert_counts
 from moeprune.errors import MoepruneError
+from moeprune.pipelines.eep import merge_into_anchors, select_experts
+from moeprune.pipelines.evoesap import search_allocation
 from moeprune.recipe import Recipe
 from moeprune.surgery import load
 from tiny_tokenizer import TEXT, save_tiny_checkpoint
@@ -50,6 +53,16 @@ def test_yaml_round_trip(root):
     r = Recipe.from_yaml(write(root, "rt", recipe(root, "o", allocation="evoesap")))
     assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
     assert r.search.generations == 2 and r.search.fitness == "esap" and r.allocation == "evoesap"
+
+
+@pytest.mark.parametrize(
+    "allocation, search",
+    [("evoesap", search_allocation), ("eep", select_experts), ("eep", merge_into_anchors)],
+)
+def test_racing_z_default_is_the_search_functions(root, allocation, search):
+    """A recipe without racing_z races with the z its search function has by default (Python API)."""
+    r = Recipe.from_yaml(write(root, f"z-{allocation}", recipe(root, "o", allocation=allocation)))
+    assert r.search.racing_z == inspect.signature(search).parameters["racing_z"].default
 
 
 @pytest.mark.parametrize(

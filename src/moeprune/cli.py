@@ -49,7 +49,7 @@ Executor = Annotated[str, opt("--executor", "Where candidates are scored: local 
 RayAddress = Annotated[str | None, opt("--ray-address", "Ray cluster HOST:PORT (default: start a local one).")]
 Workers = Annotated[int | None, opt("--workers", "Ray workers (default: one per GPU, else per CPU).")]
 Racing = Annotated[str, opt("--racing", "on: score candidates slice by slice, drop clear losers early; off: exact.")]
-RacingZ = Annotated[float | None, opt("--racing-z", "Drop when mean + z * se of the paired differences to the worst elite < 0 [default: 1 search, 2 eep-prune].")]
+RacingZ = Annotated[float | None, opt("--racing-z", "Drop when mean + z * se of the paired differences to the worst elite < 0 [default: 1 search, 3 eep-prune].")]
 GenTokens = Annotated[int, opt("--gen-tokens", "Prompt rows (on-policy data): tokens the model writes per prompt.")]
 GenStop = Annotated[str | None, opt("--gen-stop", "Prompt rows: end each answer after this text (e.g. '\\n'), else at eos.")]
 # fmt: on
