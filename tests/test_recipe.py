@@ -115,3 +115,23 @@ def test_run_each_allocation(run_cli, root, allocation):
     assert "multiple-choice acc." in stdout
     code, _, err = run_cli("run", path)  # the output exists now
     assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_shuffles_its_search_rows_by_the_data_seed(root):
+    """Racing's slices stand for the whole search set: a run puts its search rows in the data seed's
+    random order (the run's seed by default) before cutting them into batches."""
+    import torch
+
+    from moeprune.pipelines.base import RunContext
+
+    for seed in (None, 7):
+        data = {"data": str(root / "text.txt"), "samples": 6, "seq_len": 16, "seed": seed}
+        spec = Recipe.build(recipe(root, "shuffled", allocation="evoesap", search={"data": data}))
+        ctx = RunContext(spec, overwrite=False, resume=False, progress=False)
+        try:
+            loaded = ctx.search_tokens.input_ids  # (N, L) as read
+            got = torch.cat([b.input_ids for b in ctx._search_set().batches])
+            order = torch.randperm(len(loaded), generator=torch.Generator().manual_seed(seed or spec.seed))
+            assert len(loaded) >= 4 and torch.equal(got, loaded[order]) and not torch.equal(got, loaded)
+        finally:
+            ctx.close()
