@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", default="text,onpolicy,racing")
     p.add_argument("--population", type=int, default=16, help="P (text, onpolicy)")
     p.add_argument("--generations", type=int, default=10, help="G (text, onpolicy)")
-    p.add_argument("--racing-population", type=int, default=24, help="P2 (racing)")
+    p.add_argument("--racing-population", type=int, default=20, help="P2 (racing)")
     p.add_argument("--racing-generations", type=int, default=12, help="G2 (racing)")
     p.add_argument("--prompts", type=int, default=256, help="on-policy questions")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration windows per domain")

@@ -418,6 +418,7 @@ class RunContext:
             "top_k": search.top_k if search.cache in ("sparse", "nucleus") else None,
             "nucleus_p": search.nucleus_p if search.cache == "nucleus" else None,
             "search_data": self._search_fingerprint(),
+            "search_rows": "in the data seed's random order",  # `_search_set` (earlier versions: as loaded)
             "min_remove": {str(k): v for k, v in sorted((search.min_remove or {}).items())} or None,
             "max_remove": {str(k): v for k, v in sorted((search.max_remove or {}).items())} or None,
             "racing": f"z {search.racing_z}, {search.racing_slices} slices" if search.racing else "off",
@@ -495,6 +496,7 @@ IDENTITY_NAMES = {
     "statistics": "the criterion's statistics (--data/--num-samples/--seq-len or --stats)",
     "fitness": "--fitness", "cache": "--cache", "top_k": "--top-k", "nucleus_p": "search.nucleus_p",
     "search_data": "the search data (--search-data/--search-samples/--search-seq-len)",
+    "search_rows": "the order of the search rows (this version of moeprune)",
     "min_remove": "search.min_remove", "max_remove": "search.max_remove",
     "racing": "racing (--racing/--racing-z/search.racing_slices)",
     "population": "--population", "generations": "--generations", "eep.population": "--population",
