@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..surgery.streaming import Stored
-from .weights import TORCH_DTYPES, read_stored
+from .weights import TORCH_DTYPES, read_into, read_stored
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def load(
                     fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
                 n = t.nbytes // TORCH_DTYPES[t.dtype].itemsize
                 if in_place and TORCH_DTYPES[t.dtype] == target.dtype:
-                    _read_into(fd, t, raw[at * size : (at + n) * size])
+                    read_into(fd, t, raw[at * size : (at + n) * size])
                 else:  # a cast (as transformers' loader casts the converted tensor) or a copy to the device
                     flat[at : at + n] = read_stored(t, fd).reshape(-1).to(target.dtype)
             yield target.name.format(index), tensor
@@ -143,15 +143,6 @@ def load(
 def keys_of(recipe: Recipe, index: int) -> set[str]:
     """The checkpoint keys `recipe` reads for layer `index`."""
     return {k.format(index) for t in recipe for k, _ in t.pieces}
-
-
-def _read_into(fd: int, t: Stored, view: memoryview) -> None:
-    done = 0
-    while done < t.nbytes:
-        n = os.preadv(fd, [view[done:]], t.start + done)
-        if n == 0:
-            raise OSError(f"unexpected end of {t.file} while reading a tensor")
-        done += n
 
 
 class Recipes:

@@ -39,16 +39,21 @@ def read_stored(t: Stored, fd: int | None = None) -> torch.Tensor:
     own = fd is None
     fd = os.open(t.file, os.O_RDONLY) if own else fd
     try:
-        view, done = memoryview(buf.numpy()), 0
-        while done < t.nbytes:
-            n = os.preadv(fd, [view[done:]], t.start + done)
-            if n == 0:
-                raise MoepruneError(f"unexpected end of {t.file} while reading a tensor")
-            done += n
+        read_into(fd, t, memoryview(buf.numpy()))
     finally:
         if own:
             os.close(fd)
     return buf.view(dtype).reshape(t.shape)
+
+
+def read_into(fd: int, t: Stored, view: memoryview) -> None:
+    """Checkpoint tensor `t`'s bytes from the open file `fd` into `view` (t.nbytes long), by ``preadv``."""
+    done = 0
+    while done < t.nbytes:
+        n = os.preadv(fd, [view[done:]], t.start + done)
+        if n == 0:
+            raise MoepruneError(f"unexpected end of {t.file} while reading a tensor")
+        done += n
 
 
 def resolve_dtype(
