@@ -259,7 +259,7 @@ def run_teacher(
     teacher = TeacherCache(kind=cache, top_k=top_k, slices=slices, nucleus_p=nucleus_p)
     if replay is not None:  # a hidden cache whose T x V probabilities fit: computed once, kept
         vocab = model.config.get_text_config().vocab_size
-        probs = lambda h: torch.softmax(replay.logits_from_normed(h).float(), dim=-1)  # noqa: E731
+        probs = lambda h: teacher_probs(replay, h)  # noqa: E731
         keep_teacher_probs(teacher, probs, head_rows_for(device, vocab), vocab, keep_probs_bytes)
     if fallback is not None and replay is not None:
         warnings.warn(
@@ -276,6 +276,12 @@ def run_teacher(
         replay_fallback=fallback,
         seconds=time.perf_counter() - t0,
     )
+
+
+def teacher_probs(replay: LayerReplay, hidden: torch.Tensor) -> torch.Tensor:
+    """The teacher's p = softmax(lm_head(h)) in float32 (c, V) from normed final states h (c, H): the
+    one computation behind the hidden cache, whether kept once or recomputed per candidate."""
+    return torch.softmax(replay.logits_from_normed(hidden).float(), dim=-1)
 
 
 def _plain_record(model: nn.Module, batch) -> BatchRecord:
@@ -581,8 +587,7 @@ class CandidateEvaluator:
             return rows
         if rows.kept_probs is not None:
             return TeacherSlice(probs=rows.kept_probs)
-        logits = self.replay.logits_from_normed(rows.hidden)  # (c, V)
-        return TeacherSlice(probs=torch.softmax(logits.float(), dim=-1))
+        return TeacherSlice(probs=teacher_probs(self.replay, rows.hidden))
 
     @torch.inference_mode()
     def plain_forward_seconds(self, repeats: int = 1) -> float:
