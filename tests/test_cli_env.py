@@ -1,5 +1,6 @@
-"""The CLI's process settings: torch's OpenMP threads wait passively (benchmarks/threads.py: spinning
-threads ran 3.5-4.3x slower than one thread on a busy 2-core machine), unless the user chose."""
+"""The CLI's process settings: torch's OpenMP threads wait passively (benchmarks/results/threads.txt:
+two spinning threads ran 6.2-7.4x one thread's wall time on a busy 2-core machine), unless the user
+chose."""
 
 from __future__ import annotations
 
