@@ -41,6 +41,22 @@ from moeprune.pipelines.evoesap import search_allocation
 from moeprune.testbed import load_testbed, removal_order_for, token_split
 
 
+class Report:
+    """The lines a benchmark prints, kept for its --out file; the first is the command that ran."""
+
+    def __init__(self, argv: list[str] | None) -> None:
+        self.lines: list[str] = []
+        self.say(f"$ python {' '.join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])}")
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def write(self, path: str | None) -> None:
+        if path:
+            Path(path).write_text("\n".join(self.lines) + "\n")
+
+
 def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -96,13 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     zs = sorted((float(z) for z in args.z.split(",")), reverse=True)
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    say(f"$ python {' '.join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])}")
+    report = Report(argv)
+    say = report.say
     say(f"load average (1/5/15 min) at start: {load()}; torch threads {args.threads}, {os.cpu_count()} CPUs")
     cpu0 = time.process_time()
     model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
@@ -218,8 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             f"exact {ec:.1f}s ({rc / ec:.2f}x) (the machine is shared: see the load averages)"
         )
     say(f"load average at the end: {load()}; CPU time of this process {time.process_time() - cpu0:.0f}s")
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    report.write(args.out)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
-from racing import Memo, load  # benchmarks/racing.py (this script's folder is on sys.path)
+from racing import Memo, Report, load  # benchmarks/racing.py (this script's folder is on sys.path)
 
 from moeprune.criteria import choose_removed, observe_for
 from moeprune.data import continue_prompts, read_rows
@@ -139,16 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     zs = sorted((float(z) for z in args.z.split(",")), reverse=True)
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
+    report = Report(argv)
+    say = report.say
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    say(f"$ python {' '.join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])}")
     say(f"commit {commit or '?'}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
     say(f"load average (1/5/15 min) at start: {load()}; torch threads {args.threads}, {os.cpu_count()} CPUs")
     cpu0 = time.process_time()
@@ -206,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 list(range(args.merge_seeds)), zs, full, lambda o: merge_key(o.best),
             )  # fmt: skip
     say(f"\nload average at the end: {load()}; CPU time of this process {time.process_time() - cpu0:.0f}s")
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    report.write(args.out)
 
 
 if __name__ == "__main__":
