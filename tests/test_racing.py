@@ -102,19 +102,20 @@ def test_clearly_worse_dropped_after_the_first_slice_better_never(tmp_path):
     cfg = EvolutionConfig(population=5, generations=2, elites=2, seed=0)
     state = tmp_path / "state.json"
     result = evolve(Line(), Racing(scripted(calls), slices=4, z=2.0), cfg, state_path=state)
-    # generation 1 is scored exactly, on every slice; then 100 and 102 stop after slice 1
-    assert calls[:4] == [(s, [0, 1, 2, 3, 4]) for s in range(4)]
-    assert calls[4:] == [(0, [100, 101, 102]), (1, [101]), (2, [101]), (3, [101])]
-    assert result.raced_out == ["100", "102"]
-    assert result.tokens == {"0": 32, "1": 32, "2": 32, "3": 32, "4": 32, "100": 8, "101": 32, "102": 8}
+    # generation 1: the 2 (= elites) best on slice 1 (2 and 3) are scored on every slice, then the
+    # others race against the worse of them (2); then 100 and 102 stop after slice 1
+    assert calls[:5] == [(0, [0, 1, 2, 3, 4]), (1, [2, 3]), (2, [2, 3]), (3, [2, 3]), (0, [100, 101, 102])]
+    assert calls[5:] == [(1, [101]), (2, [101]), (3, [101])]
+    assert result.raced_out == ["0", "1", "4", "100", "102"]
+    assert result.tokens == {"0": 8, "1": 8, "2": 32, "3": 32, "4": 8, "100": 8, "101": 32, "102": 8}
     assert result.best == 101
     assert result.scores["102"] > result.scores["3"]  # a higher partial mean ...
     saved = json.loads(state.read_text())
     assert saved["elites"] == ["101", "3"]  # ... still ranks below every fully scored candidate
-    assert saved["raced_out"] == ["100", "102"] and saved["racing"] == {"z": 2.0, "slices": 4}
+    assert saved["raced_out"] == ["0", "1", "4", "100", "102"] and saved["racing"] == {"z": 2.0, "slices": 4}
     assert result.scores["100"] == float((SCRIPT[100][0] + noise(100, 0, n=8, sigma=0.01)).mean())
     g1, g2 = result.history
-    assert (g1["tokens_scored"], g1["raced_out"]) == (5 * 32, 0)
+    assert (g1["tokens_scored"], g1["raced_out"]) == (2 * 32 + 3 * 8, 3)
     assert (g2["tokens_scored"], g2["raced_out"], g2["new_evaluations"]) == (8 + 32 + 8, 2, 3)
 
 

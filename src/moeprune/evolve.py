@@ -3,7 +3,8 @@
     population = problem.initial_population(rng, P)
     for generation g = 1..G:
         score, in one call, the candidates not in the score cache (distinct, in population order)
-            (with racing, from generation 2 on: slice by slice, against the worst elite)
+            (with racing: slice by slice, against the worst elite; in generation 1 against the
+            worst of the E candidates best on the first slice, which are scored on every slice)
         ranked = the distinct candidates by score (descending), ties by problem.tie_break; raced-out
             candidates after every fully scored one
         best-ever = ranked[0] when it beats the best so far
@@ -27,8 +28,9 @@ other settings is refused with a `MoepruneError` naming what differs. Only `gene
 Racing (`moeprune.racing`): given a `Racing` instead of a score function, the engine scores a
 generation's new candidates slice by slice and drops those clearly worse than the worst current
 elite; a dropped candidate keeps its partial mean, is marked raced out (state: ``raced_out``) and
-ranks below every fully scored candidate, so it never becomes an elite or the best. Generation 1 and
-the elites are always scored on every slice. The worst elite's per-token values are kept from its
+ranks below every fully scored candidate, so it never becomes an elite or the best. The elites are
+always scored on every slice; in generation 1 (no elites yet) the E candidates best on the first
+slice are scored in full first and the worst of them is the bar (`Racing.race`'s `keep`). The worst elite's per-token values are kept from its
 scoring, or recomputed (deterministically, outside the history) when missing, e.g. after a resume.
 
 Three problems plug in: EvoESAP's per-layer counts (`allocate.count_search`), EEP's expert
@@ -285,12 +287,13 @@ def evolve(
                     tokens[problem.key(c)] = n
         elif fresh:
             reference = None
-            if elite_keys and not math.isinf(racing.z):  # against the worst elite (generation 1: none)
+            if elite_keys and not math.isinf(racing.z):  # against the worst elite (generation 1: none,
+                # the candidates best on the first slice are scored in full and set the bar)
                 worst = elite_keys[-1]
                 if worst not in elite_values:  # e.g. after a resume: score it again, outside the history
                     elite_values[worst] = racing.race([first[worst]], None)[0][0].token_scores()
                 reference = elite_values[worst]
-            results, out = racing.race(fresh, reference)
+            results, out = racing.race(fresh, reference, keep=config.elites)
             for c, r, o in zip(fresh, results, out, strict=True):
                 k = problem.key(c)
                 scores[k], tokens[k] = float(r.score), int(r.tokens)

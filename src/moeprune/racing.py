@@ -93,20 +93,55 @@ class Racing(Generic[C]):
         """The same racing for candidates that `convert` turns into this one's."""
         return Racing(lambda cs, s: self.score_slice([convert(c) for c in cs], s), self.slices, self.z)
 
-    def race(self, candidates: list[C], reference: np.ndarray | None) -> tuple[list[SliceResult], list[bool]]:
-        """Every candidate's result and whether it was dropped. Without a `reference` (per-token
-        values of a fully scored candidate), every candidate is scored on every slice."""
-        results: list[Any] = [None] * len(candidates)
+    def race(
+        self, candidates: list[C], reference: np.ndarray | None, keep: int = 0
+    ) -> tuple[list[SliceResult], list[bool]]:
+        """Every candidate's result and whether it was dropped. `reference`: the per-token values of
+        a fully scored candidate (the worst elite). Without one (a search's first generation) and
+        with 0 < `keep` < len(candidates), the `keep` candidates best on the first slice are scored on
+        every slice and the worst of them by its full score is the others' reference: each of a
+        generation's elites scores at least that, so the bar is never above the one later
+        generations face. Without either (or z = inf), every candidate is scored on every slice."""
+        n = len(candidates)
+        if reference is not None or not 0 < keep < n or math.isinf(self.z) or self.slices < 2:
+            return self._race(candidates, [None] * n, 0, reference)
+        first = self._scored(candidates, 0)
+        ahead = sorted(range(n), key=lambda i: -first[i].score)[:keep]  # stable: ties in given order
+        rest = [i for i in range(n) if i not in ahead]
+        top, _ = self._race([candidates[i] for i in ahead], [first[i] for i in ahead], 1, None)
+        bar = min(top, key=lambda r: r.score).token_scores()
+        others, out = self._race([candidates[i] for i in rest], [first[i] for i in rest], 1, bar)
+        results: list[Any] = [None] * n
+        dropped = [False] * n
+        for i, r in zip(ahead, top, strict=True):
+            results[i] = r
+        for i, r, o in zip(rest, others, out, strict=True):
+            results[i], dropped[i] = r, o
+        return results, dropped
+
+    def _scored(self, candidates: list[C], s: int) -> list[Any]:
+        scored = list(self.score_slice(candidates, s))
+        if len(scored) != len(candidates):
+            raise MoepruneError(
+                f"score_slice returned {len(scored)} results for {len(candidates)} candidates"
+            )
+        return scored
+
+    def _race(
+        self, candidates: list[C], results: list[Any], start: int, reference: np.ndarray | None
+    ) -> tuple[list[SliceResult], list[bool]]:
+        """Race from slice `start` on (`results`: each candidate's on slices 0..start-1, or None)."""
+        results = list(results)
         alive = list(range(len(candidates)))
-        for s in range(self.slices):
-            scored = list(self.score_slice([candidates[i] for i in alive], s))
-            if len(scored) != len(alive):
-                raise MoepruneError(f"score_slice returned {len(scored)} results for {len(alive)} candidates")
+        if reference is not None and start > 0:
+            alive = [i for i in alive if not beaten(results[i].token_scores(), reference, self.z)]
+        for s in range(start, self.slices):
+            if not alive:
+                break
+            scored = self._scored([candidates[i] for i in alive], s)
             for i, r in zip(alive, scored, strict=True):
                 results[i] = r if results[i] is None else results[i].then(r)
             if reference is not None and s < self.slices - 1:
                 alive = [i for i in alive if not beaten(results[i].token_scores(), reference, self.z)]
-            if not alive:
-                break
         done = set(alive)
         return results, [i not in done for i in range(len(candidates))]
