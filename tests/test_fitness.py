@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeprune.arch import moe_layers
-from moeprune.errors import RegistryError
+from moeprune.errors import MoepruneError, RegistryError
 from moeprune.fitness import (
     FITNESS,
     CandidateEvaluator,
@@ -429,6 +429,16 @@ def test_stacked_candidates_equal_one_at_a_time(family):
 def test_candidate_batch_must_be_positive(mixtral):
     with pytest.raises(ValueError, match="candidate_batch"):
         CandidateEvaluator(mixtral, search_set(), candidate_batch=0)
+
+
+def test_a_teacher_recorded_on_another_model_object_is_refused(mixtral):
+    """Layer replay runs the recorded model's layers: evaluating another model object (e.g. a copy in
+    another dtype) with it would mask the copy and score the original (ESAP 1 for any plan)."""
+    other = copy.deepcopy(mixtral)
+    run = run_teacher(mixtral, search_set(), cache="hidden")
+    with pytest.raises(MoepruneError, match="another model object"):
+        CandidateEvaluator(other, run)
+    assert CandidateEvaluator(mixtral, run).evaluate(some_plan(mixtral)).value < 1 - 1e-6
 
 
 def test_head_chunks_by_device():

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..arch import moe_layers
 from ..arch.patching import input_device
-from ..errors import UnsupportedModelError
+from ..errors import MoepruneError, UnsupportedModelError
 from ..plan import ExpertPlan
 from ..surgery import mask_experts, mask_stacked
 from .metrics import FITNESS, Fitness
@@ -335,6 +335,12 @@ class CandidateEvaluator:
                 model, search, cache=cache, top_k=top_k, keep_calls=not full_forward, nucleus_p=nucleus_p
             )
         )
+        if run.replay is not None and run.replay.model is not model:
+            # layer replay runs the recorded model's layers: another model would be masked in vain
+            raise MoepruneError(
+                "the teacher run was recorded on another model object than the one evaluated: build it "
+                "with run_teacher(model, ...) on the model the candidates are evaluated on"
+            )
         self.teacher_run = run
         self.search = run.search
         self.candidate_batch = candidate_batch
