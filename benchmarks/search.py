@@ -31,11 +31,16 @@ against each cache, outside the timed windows).
     python benchmarks/search.py [--kinds text,onpolicy] [--seeds 0,1,2] [--population 16 --generations 10]
     python benchmarks/search.py --device cuda --threads 4     # the same on a GPU
     python benchmarks/search.py --as-loaded --racing-z 2      # rows grouped as loaded, z = 2 (the earlier default)
+    python benchmarks/search.py --dtype bfloat16              # both in the checkpoint's bfloat16 (`moeprune search`'s)
+    python benchmarks/search.py --default-dtype bfloat16      # the default in bfloat16, the reference in float32
+
+The model runs in float32 unless asked (exact ESAP is the reference's, in the reference's dtype).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -349,14 +354,35 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="search rows grouped by domain as loaded (not the pipeline's order)",
     )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the model's dtype in both searches (the testbed checkpoint is bfloat16, which `moeprune "
+        "search` runs it in by default)",
+    )
+    p.add_argument(
+        "--default-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the default search's dtype alone (its teacher too; default: --dtype); exact ESAP stays the "
+        "reference's",
+    )
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    args.default_dtype = args.default_dtype or args.dtype
     torch.set_num_threads(args.threads)
     kinds, seeds = args.kinds.split(","), [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
 
-    model, tok, model_dir, data_dir = load_testbed(args.model, args.data)
-    model.to(args.device)
+    model, tok, model_dir, data_dir = load_testbed(args.model, args.data)  # float32: bf16 weights, exact
+    model.to(args.device, getattr(torch, args.dtype))
+    # the default search's model: the same weights in its dtype (float32 -> bfloat16 is exact here)
+    d_model = (
+        model
+        if args.default_dtype == args.dtype
+        else copy.deepcopy(model).to(getattr(torch, args.default_dtype))
+    )
     text_cfg = model.config.get_text_config()
     calib = token_split(tok, data_dir / "calibration.jsonl", 4, args.seq_len, 0)
     order = removal_order_for(model, calib, args.criterion, 0)
@@ -366,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# {datetime.datetime.now().isoformat(timespec='minutes')} | model {model_dir} (V={text_cfg.vocab_size}, "
         f"H={text_cfg.hidden_size}) | {args.criterion} order | sparsity {args.sparsity} | population "
         f"{args.population} x {args.generations} generations | seeds {seeds} | device {args.device}, "
-        f"{args.threads} thread(s) of {os.cpu_count()} cores | default's racing z {args.racing_z}, {DEFAULT_SLICES} "
+        f"{args.threads} thread(s) of {os.cpu_count()} cores | dtype {args.default_dtype} (default) / {args.dtype} "
+        f"(reference) | default's racing z {args.racing_z}, {DEFAULT_SLICES} "
         f"slices | search rows {'as loaded' if args.as_loaded else 'in the seed order'} | load average (1/5 min) {load()}",
         flush=True,
     )
@@ -393,13 +420,27 @@ def main(argv: list[str] | None = None) -> None:
             }
             if seed % 2 == 0:  # alternate which goes first: a load drift favours neither
                 d = default_search(
-                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z
+                    d_model,
+                    search,
+                    args.sparsity,
+                    order,
+                    cfg,
+                    args.device,
+                    args.candidate_batch,
+                    args.racing_z,
                 )
                 r = reference_search(model, search, space, order, cfg, args.device, others)
             else:
                 r = reference_search(model, search, space, order, cfg, args.device, others)
                 d = default_search(
-                    model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z
+                    d_model,
+                    search,
+                    args.sparsity,
+                    order,
+                    cfg,
+                    args.device,
+                    args.candidate_batch,
+                    args.racing_z,
                 )
             exact = {c: v["dense"] for c, v in r["values"].items()}
             for best in (d["outcome"].best, r["result"].best):
@@ -422,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             if not runs:  # where one candidate's time goes, on the first seed's batches
                 run["pieces"] = pieces(
-                    model, search, plan_from_counts(space, order, uniform_allocation(space)), args.device
+                    d_model, search, plan_from_counts(space, order, uniform_allocation(space)), args.device
                 )
             runs.append(run)
             print(
