@@ -135,3 +135,25 @@ def test_a_run_shuffles_its_search_rows_by_the_data_seed(root):
             assert len(loaded) >= 4 and torch.equal(got, loaded[order]) and not torch.equal(got, loaded)
         finally:
             ctx.close()
+
+
+@pytest.mark.parametrize(
+    "caps, dtype",
+    [
+        ({"avx512_bf16": True}, "auto"),
+        ({"amx_bf16": True}, "auto"),
+        ({"avx512_bf16": False}, "float32"),
+        ({}, "float32"),
+    ],
+)
+def test_the_demo_runs_bfloat16_only_where_the_cpu_computes_it(monkeypatch, tmp_path, caps, dtype):
+    """A bfloat16 checkpoint runs in bfloat16 on a CPU with native bfloat16, else in float32 (emulated
+    bfloat16 is slower); the demo's recipe takes that dtype."""
+    import torch
+
+    from moeprune.demo import demo_recipe
+    from moeprune.recipe import cpu_dtype
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert cpu_dtype() == dtype
+    assert demo_recipe(tmp_path / "demo").dtype == dtype

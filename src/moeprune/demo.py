@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .recipe import Recipe
+from .recipe import Recipe, cpu_dtype
 from .testbed import check_testbed
 
 
@@ -31,7 +31,8 @@ def demo_recipe(
     the search split, answered by the unpruned model (up to `gen_tokens`, one line), only its answers
     scored. Other sample counts are per domain (`calib_samples`, `heldout_samples` windows of `seq_len`
     tokens); the suite is capped at `eval_tokens_per_domain`
-    tokens and `eval_items` items; the model runs in float32 (the fast dtype on a CPU)."""
+    tokens and `eval_items` items; the model runs in its bfloat16 where the CPU computes bfloat16
+    natively, else in float32 (`recipe.cpu_dtype`)."""
     model_dir, data_dir = check_testbed(model_dir, data_dir)
 
     def split(name: str, samples: int, data_seed: int | None = None) -> dict:
@@ -66,7 +67,7 @@ def demo_recipe(
                 "heldout": split("test.jsonl", heldout_samples, seed + 1),
             },
             "seed": seed,
-            "dtype": "float32",
+            "dtype": cpu_dtype(),
         },
         "demo: ",
     )

@@ -361,6 +361,17 @@ def one_line(error: ValidationError, where: str = "", names: Callable[[str], str
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def cpu_dtype() -> str:
+    """The faster dtype for a bfloat16 checkpoint on this CPU: ``auto`` (its bfloat16) where the CPU
+    computes bfloat16 natively (AVX512-BF16 or AMX-BF16; on the testbed the default search's scoring
+    then takes 0.68-0.71x its float32 time: benchmarks/results/search_testbed_bf16.txt), else
+    ``float32`` (emulated bfloat16 is slower than float32)."""
+    import torch
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return "auto" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "float32"
+
+
 def split_device(device: str) -> tuple[str, bool]:
     """``cuda:1:layers`` -> ("cuda:1", True): the device, and whether the model runs layer by layer
     from its checkpoint (``layers`` alone: on the CPU)."""
