@@ -283,6 +283,46 @@ def test_last_moe_block_on_scored_rows_only_is_exact(family):
         assert set(seen) == ({8} if hooked else set()), seen
 
 
+@pytest.mark.parametrize("family", REPLAY_FAMILIES)
+def test_moe_blocks_skip_the_positions_no_scored_token_depends_on(family):
+    """Right-padded rows of different lengths whose last token is not scored (on-policy answers):
+    every MoE block before the last runs on the positions up to each row's last scored one only; the
+    fitness equals a full forward's to 1e-6, and `candidate_logits` (every position) never restarts
+    from such partial states."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 128, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    mask[3, 7:] = 0
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    score[:, 5:] = True  # answers from token 5 on
+    score[0, 11] = score[2, 10:] = False  # unscored final tokens
+    s = SearchSet.from_tensors(ids, mask, score, batch_size=2)
+    needed = [b.needed_positions() for b in s.batches]
+    assert [n.numel() for n in needed] == [10 + 8, 9 + 6]  # of 24 positions per batch
+    fast = CandidateEvaluator(model, s, cache="dense")
+    slow = CandidateEvaluator(model, s, cache="dense", reuse=False, full_forward=True)
+    if fast.full_forward:
+        pytest.skip(f"{family}: no layer replay")
+    assert [n.tolist() for n in fast.needed] == [n.tolist() for n in needed]
+    seen: list[int] = []
+    first = moe_layers(model)[0]
+    hooked = first.index < fast.replay.num_layers - 1 and first.index in fast.replay.blocks
+    if hooked:
+        first.router.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0])
+        )
+    plans = [some_plan(model, seed) for seed in range(2)] + [{}]
+    for plan in plans:
+        want = slow.evaluate(plan).value
+        seen.clear()
+        assert fast.evaluate(plan).value == pytest.approx(want, abs=1e-6), family
+        assert set(seen) == ({18, 15} if hooked else set()), seen  # the needed positions, not 24
+    for got, want in zip(fast.candidate_logits(plans[1]), slow.candidate_logits(plans[1]), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_a_batch_without_scored_tokens_still_scores(mixtral):
     """A search batch with nothing scored: the last block runs whole there; the fitness is exact."""
     ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(5))

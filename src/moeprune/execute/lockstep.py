@@ -78,7 +78,8 @@ class LayerwiseEvaluator(CandidateEvaluator):
         changes = [{j: c for j, c in layer_changes(p).items() if j in moe} for p in plans]
         layer = {m.index: m for m in moe_layers(self.model)}  # masks check only the layer that runs
         lm, store = self.lm, self.lm._store()
-        last = self.replay.num_layers - 1  # its MoE block runs on the scored rows only (as in memory)
+        # as in memory: the last MoE block runs on the scored rows only, the others on the needed ones
+        last = self.replay.num_layers - 1
         try:
             # prefix tree: (changes of the MoE layers run so far) -> (member plans, hidden-state keys)
             groups: dict[tuple, tuple[list[int], list[int]]] = {
@@ -96,7 +97,7 @@ class LayerwiseEvaluator(CandidateEvaluator):
                             out = []
                             for b, key in enumerate(keys):
                                 h = store.get(key).to(self.device)
-                                rows = self.positions[b] if j == last else None
+                                rows = self.positions[b] if j == last else self.needed[b]
                                 out.append(
                                     store.put(
                                         self.replay.run_layer(

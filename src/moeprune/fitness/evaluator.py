@@ -7,8 +7,13 @@ layers before m)``; a new candidate starts from the deepest MoE layer whose key 
 that layer's attention output from the cache, and replays only the rest.
 Restarting changes nothing: the layers' outputs are bitwise those of a full forward (same layers,
 same inputs). `evaluate` also runs the last layer's MoE block on the scored positions only (the
-only rows the head reads; `LayerReplay.run_layer(rows=...)`): the same computation on fewer rows,
-equal up to float rounding of the smaller matmuls (ESAP to 1e-6, tested on every family).
+only rows the head reads; `LayerReplay.run_layer(rows=...)`), and every other MoE block on the
+positions the scored ones depend on (`SearchBatch.needed_positions`: those up to each row's last
+scored one, where that skips at least `SKIP_SHARE` of a batch, e.g. the padding and final tokens
+of short answers): the same computation on fewer rows, equal up to float rounding of the smaller
+matmuls (ESAP to 1e-6, tested on every family). Such states are right at the needed positions only,
+so they are cached under their own keys (``partial``), which `candidate_logits` (every position)
+never restarts from.
 ``reuse=False`` and ``full_forward=True`` give the straightforward reference used by the benchmarks.
 
 `evaluate_many` stacks up to ``candidate_batch`` candidates along the batch dimension
@@ -49,7 +54,11 @@ from .teacher import (
 )
 from .totals import FitnessResult, Totals
 
-PrefixKey = tuple[int, tuple[tuple[int, ...], ...]]
+PrefixKey = tuple[int, tuple[tuple[int, ...], ...], bool]  # (layer, removed sets before it, partial)
+
+# `evaluate` runs the MoE blocks before the last on a batch's needed positions only when they leave out
+# at least this share of its positions (the gather and scatter cost more than a few skipped tokens).
+SKIP_SHARE = 0.05
 
 # Rows of logits built at once when scoring: (256, V) float32 stays in cache for the log-softmax and the
 # fitness, which then cost ~2% of the lm_head instead of ~40% on (B * L, V) (measured on the testbed).
@@ -362,6 +371,11 @@ class CandidateEvaluator:
         self.hidden = HiddenCache(cache_bytes)
         self.stats = ReuseStats()
         self.positions, self.labels, self.records = run.positions, run.labels, run.records
+        # per batch, the positions the scored ones depend on (m,), or None: every position is run
+        self.needed = [
+            n if n.numel() <= (1 - SKIP_SHARE) * b.input_ids.numel() else None
+            for b, n in ((b, b.needed_positions()) for b in self.search.batches)
+        ]
         self.teacher = run.cache
         self.teacher_seconds = run.seconds
 
@@ -369,18 +383,18 @@ class CandidateEvaluator:
     def _removed(self, plan: ExpertPlan) -> dict[int, tuple[int, ...]]:
         return {m: tuple(sorted(plan.removed.get(m, ()))) for m in self.moe_indices}
 
-    def _key(self, layer: int, removed: dict[int, tuple[int, ...]]) -> PrefixKey:
-        return layer, tuple(removed[m] for m in self.moe_indices if m < layer)
+    def _key(self, layer: int, removed: dict[int, tuple[int, ...]], partial: bool = False) -> PrefixKey:
+        return layer, tuple(removed[m] for m in self.moe_indices if m < layer), partial
 
     # --- evaluation -------------------------------------------------------------------------
-    def _restart(self, removed: dict[int, tuple[int, ...]], touched: list[PrefixKey]):
+    def _restart(self, removed: dict[int, tuple[int, ...]], touched: list[PrefixKey], partial: bool = False):
         """(start layer, cached `PrefixState` or None): the deepest MoE layer whose input under this
-        mask prefix is cached (0, None without one)."""
+        mask prefix is cached (0, None without one); `partial`: states right at the needed positions."""
         if self.reuse:
             for m in reversed(self.moe_indices):
-                hit = self.hidden.get(self._key(m, removed))
+                hit = self.hidden.get(self._key(m, removed, partial))
                 if hit is not None:
-                    touched.append(self._key(m, removed))
+                    touched.append(self._key(m, removed, partial))
                     self.stats.hits += m > self.moe_indices[0]
                     return m, hit
         return 0, None
@@ -390,11 +404,13 @@ class CandidateEvaluator:
     ) -> list[torch.Tensor]:
         """Last decoder layer's output [(B, L, H)] of the masked model (call under `mask_experts`),
         restarting from the deepest cached MoE-layer input whose mask prefix equals `plan`'s.
-        `scored_only`: the last layer's MoE block runs on the scored positions only, and only those
-        rows of the output are right (`LayerReplay.run_layer(rows=...)`)."""
+        `scored_only`: the last layer's MoE block runs on the scored positions only, the others on
+        the needed positions (`self.needed`), and only the scored rows of the output are right
+        (`LayerReplay.run_layer(rows=...)`)."""
         n_layers = self.replay.num_layers
         removed = self._removed(plan)
-        start, hit = self._restart(removed, touched)
+        partial = scored_only and any(n is not None for n in self.needed)
+        start, hit = self._restart(removed, touched, partial)
         states = list(hit.inputs) if hit is not None else [r.layer0_input for r in self.records]
         moe = set(self.moe_indices)
         for i in range(start, n_layers):
@@ -403,7 +419,9 @@ class CandidateEvaluator:
             new_states = []
             for b, (h, r) in enumerate(zip(states, self.records, strict=True)):
                 attention = stored[b] if stored is not None else None
-                rows = self.positions[b] if scored_only and i == n_layers - 1 else None
+                rows = None
+                if scored_only:
+                    rows = self.positions[b] if i == n_layers - 1 else self.needed[b]
                 new_states.append(
                     self.replay.run_layer(
                         i, h, r, attention_output=attention, capture=captured, rows=rows, fast_experts=True
@@ -413,8 +431,9 @@ class CandidateEvaluator:
                 self.stats.attention_reused += 1
             if captured is not None:
                 complete = len(captured) == len(states)
-                self.hidden.put(self._key(i, removed), PrefixState(states, captured if complete else None))
-                touched.append(self._key(i, removed))
+                key = self._key(i, removed, partial)
+                self.hidden.put(key, PrefixState(states, captured if complete else None))
+                touched.append(key)
             states = new_states
         self.stats.layers_run += n_layers - start
         self.stats.layers_total += n_layers

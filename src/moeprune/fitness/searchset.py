@@ -25,6 +25,19 @@ class SearchBatch:
         keep[:, :-1] = nxt
         return keep.reshape(-1).nonzero().squeeze(1)
 
+    def needed_positions(self) -> torch.Tensor:
+        """Flat indices into (B * L) of the positions at or before their row's last scored one: the
+        only positions the scored logits depend on (attention is causal), e.g. not the right padding
+        and the last token of on-policy answers. (Left padding stays: a scored position may be a pad
+        whose next token is the row's first.) (m,)"""
+        rows, length = self.input_ids.shape
+        pos = self.scored_positions()  # (n,)
+        last = torch.full((rows,), -1, dtype=torch.long, device=pos.device)  # per row; -1: none scored
+        last.scatter_reduce_(0, pos // length, pos % length, reduce="amax")
+        col = torch.arange(length, device=pos.device).unsqueeze(0)  # (1, L)
+        keep = col <= last.unsqueeze(1)  # (B, L)
+        return keep.reshape(-1).nonzero().squeeze(1)
+
     def stacked(self, copies: int) -> SearchBatch:
         """The batch repeated `copies` times along dim 0 (one copy per stacked candidate)."""
         return SearchBatch(
