@@ -418,30 +418,20 @@ def main(argv: list[str] | None = None) -> None:
                 kind_: CandidateEvaluator(model, run_teacher(model, search, cache=kind_, top_k=args.top_k))
                 for kind_ in ("sparse", "nucleus", "hidden")
             }
+
+            def run_default(search=search, cfg=cfg):
+                return default_search(
+                    d_model, search, args.sparsity, order, cfg, args.device, args.candidate_batch, args.racing_z,
+                )  # fmt: skip
+
+            def run_reference(search=search, cfg=cfg, others=others):
+                return reference_search(model, search, space, order, cfg, args.device, others)
+
             if seed % 2 == 0:  # alternate which goes first: a load drift favours neither
-                d = default_search(
-                    d_model,
-                    search,
-                    args.sparsity,
-                    order,
-                    cfg,
-                    args.device,
-                    args.candidate_batch,
-                    args.racing_z,
-                )
-                r = reference_search(model, search, space, order, cfg, args.device, others)
+                d, r = run_default(), run_reference()
             else:
-                r = reference_search(model, search, space, order, cfg, args.device, others)
-                d = default_search(
-                    d_model,
-                    search,
-                    args.sparsity,
-                    order,
-                    cfg,
-                    args.device,
-                    args.candidate_batch,
-                    args.racing_z,
-                )
+                r = run_reference()
+                d = run_default()
             exact = {c: v["dense"] for c, v in r["values"].items()}
             for best in (d["outcome"].best, r["result"].best):
                 if best not in exact:
