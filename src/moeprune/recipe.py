@@ -364,7 +364,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def cpu_dtype() -> str:
     """The faster dtype for a bfloat16 checkpoint on this CPU: ``auto`` (its bfloat16) where the CPU
     computes bfloat16 natively (AVX512-BF16 or AMX-BF16; on the testbed the default search's scoring
-    then takes 0.68-0.71x its float32 time: benchmarks/results/search_testbed_bf16.txt), else
+    then takes 0.69-0.72x its float32 time: benchmarks/results/search_testbed_bf16.txt), else
     ``float32`` (emulated bfloat16 is slower than float32)."""
     import torch
 
