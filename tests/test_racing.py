@@ -79,7 +79,7 @@ class Line:
 # per candidate, its mean value on each of the 4 slices (8 tokens each)
 SCRIPT = {
     0: [0.5] * 4,
-    1: [0.6] * 4,
+    1: [0.6, 0.7, 0.7, 0.7],  # weak first slice, above 2 on the others: not dropped in generation 1
     2: [0.99, 0.6, 0.6, 0.6],  # the worst elite after generation 1 (mean 0.6975): strong first slice
     3: [0.85] * 4,
     4: [0.4] * 4,
@@ -103,19 +103,29 @@ def test_clearly_worse_dropped_after_the_first_slice_better_never(tmp_path):
     state = tmp_path / "state.json"
     result = evolve(Line(), Racing(scripted(calls), slices=4, z=2.0), cfg, state_path=state)
     # generation 1: the 2 (= elites) best on slice 1 (2 and 3) are scored on every slice, then the
-    # others race against the worse of them (2); then 100 and 102 stop after slice 1
-    assert calls[:5] == [(0, [0, 1, 2, 3, 4]), (1, [2, 3]), (2, [2, 3]), (3, [2, 3]), (0, [100, 101, 102])]
-    assert calls[5:] == [(1, [101]), (2, [101]), (3, [101])]
-    assert result.raced_out == ["0", "1", "4", "100", "102"]
-    assert result.tokens == {"0": 8, "1": 8, "2": 32, "3": 32, "4": 8, "100": 8, "101": 32, "102": 8}
+    # others race against the worse of them (2) on the slices after the first (where 2 was chosen for
+    # its 0.99): 0 and 4 stop after slice 2, 1 (above 2 there; 0.6 against 0.99 on slice 1) goes on;
+    # then 100 and 102 stop after slice 1
+    assert calls[:7] == [
+        (0, [0, 1, 2, 3, 4]),
+        (1, [2, 3]),
+        (2, [2, 3]),
+        (3, [2, 3]),
+        (1, [0, 1, 4]),
+        (2, [1]),
+        (3, [1]),
+    ]
+    assert calls[7:] == [(0, [100, 101, 102]), (1, [101]), (2, [101]), (3, [101])]
+    assert result.raced_out == ["0", "4", "100", "102"]
+    assert result.tokens == {"0": 16, "1": 32, "2": 32, "3": 32, "4": 16, "100": 8, "101": 32, "102": 8}
     assert result.best == 101
     assert result.scores["102"] > result.scores["3"]  # a higher partial mean ...
     saved = json.loads(state.read_text())
     assert saved["elites"] == ["101", "3"]  # ... still ranks below every fully scored candidate
-    assert saved["raced_out"] == ["0", "1", "4", "100", "102"] and saved["racing"] == {"z": 2.0, "slices": 4}
+    assert saved["raced_out"] == ["0", "4", "100", "102"] and saved["racing"] == {"z": 2.0, "slices": 4}
     assert result.scores["100"] == float((SCRIPT[100][0] + noise(100, 0, n=8, sigma=0.01)).mean())
     g1, g2 = result.history
-    assert (g1["tokens_scored"], g1["raced_out"]) == (2 * 32 + 3 * 8, 3)
+    assert (g1["tokens_scored"], g1["raced_out"]) == (3 * 32 + 2 * 16, 2)
     assert (g2["tokens_scored"], g2["raced_out"], g2["new_evaluations"]) == (8 + 32 + 8, 2, 3)
 
 
