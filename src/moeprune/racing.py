@@ -29,10 +29,10 @@ __all__ = ["DEFAULT_SLICES", "DEFAULT_Z", "EEP_Z", "Racing", "SliceResult", "bea
 C = TypeVar("C")  # a candidate
 
 # EvoESAP's default: on search rows in a random order (`fitness.SearchSet.from_tokens`), z = 1 keeps
-# the exact search's plan in 10 of 10 testbed seeds on the on-policy answers at 16 x 10 (33.6% of the
+# the exact search's plan in 10 of 10 testbed seeds on the on-policy answers at 16 x 10 (31.1% of the
 # token evaluations saved with generation 1 raced, 26.6% without) and in 9 of 10 on 64-token text
 # windows at 12 x 6; on 256-token text windows no z from 1 to 2 keeps 9 of 10 (near-tie plans; best
-# ESAP -0.0008 on average at z = 1 with generation 1 raced, -0.0003 without)
+# ESAP -0.0003 on average at z = 1, with or without generation 1 raced)
 # (benchmarks/results/racing.txt); on rows grouped by domain it took z = 2.
 DEFAULT_Z = 1.0
 # EEP's default (its selection and merge searches): z = 3 is the only z that keeps the exact selection
