@@ -4,7 +4,8 @@
     for generation g = 1..G:
         score, in one call, the candidates not in the score cache (distinct, in population order)
             (with racing: slice by slice, against the worst elite; in generation 1 against the
-            worst of the E candidates best on the first slice, which are scored on every slice)
+            worst of the E candidates best on the first slice, which are scored on every slice,
+            on the later slices)
         ranked = the distinct candidates by score (descending), ties by problem.tie_break; raced-out
             candidates after every fully scored one
         best-ever = ranked[0] when it beats the best so far
@@ -30,7 +31,8 @@ generation's new candidates slice by slice and drops those clearly worse than th
 elite; a dropped candidate keeps its partial mean, is marked raced out (state: ``raced_out``) and
 ranks below every fully scored candidate, so it never becomes an elite or the best. The elites are
 always scored on every slice; in generation 1 (no elites yet) the E candidates best on the first
-slice are scored in full first and the worst of them is the bar (`Racing.race`'s `keep`). The worst elite's per-token values are kept from its
+slice are scored in full first and the worst of them is the bar for the others on the later slices
+(`Racing.race`'s `keep`). The worst elite's per-token values are kept from its
 scoring, or recomputed (deterministically, outside the history) when missing, e.g. after a resume.
 
 Three problems plug in: EvoESAP's per-layer counts (`allocate.count_search`), EEP's expert
