@@ -374,8 +374,11 @@ class CandidateEvaluator:
         # per batch, the positions the scored ones depend on (m,), or None: every position is run
         self.needed = [
             n if n.numel() <= (1 - SKIP_SHARE) * b.input_ids.numel() else None
-            for b, n in ((b, b.needed_positions()) for b in self.search.batches)
+            for b, n in (
+                (b, b.needed_positions(p)) for b, p in zip(self.search.batches, self.positions, strict=True)
+            )
         ]
+        self.partial_states = any(n is not None for n in self.needed)  # cached states of evaluate
         self.teacher = run.cache
         self.teacher_seconds = run.seconds
 
@@ -409,7 +412,7 @@ class CandidateEvaluator:
         (`LayerReplay.run_layer(rows=...)`)."""
         n_layers = self.replay.num_layers
         removed = self._removed(plan)
-        partial = scored_only and any(n is not None for n in self.needed)
+        partial = scored_only and self.partial_states
         start, hit = self._restart(removed, touched, partial)
         states = list(hit.inputs) if hit is not None else [r.layer0_input for r in self.records]
         moe = set(self.moe_indices)

@@ -25,13 +25,13 @@ class SearchBatch:
         keep[:, :-1] = nxt
         return keep.reshape(-1).nonzero().squeeze(1)
 
-    def needed_positions(self) -> torch.Tensor:
+    def needed_positions(self, scored: torch.Tensor | None = None) -> torch.Tensor:
         """Flat indices into (B * L) of the positions at or before their row's last scored one: the
         only positions the scored logits depend on (attention is causal), e.g. not the right padding
         and the last token of on-policy answers. (Left padding stays: a scored position may be a pad
-        whose next token is the row's first.) (m,)"""
+        whose next token is the row's first.) `scored`: `scored_positions()` where already known. (m,)"""
         rows, length = self.input_ids.shape
-        pos = self.scored_positions()  # (n,)
+        pos = self.scored_positions() if scored is None else scored  # (n,)
         last = torch.full((rows,), -1, dtype=torch.long, device=pos.device)  # per row; -1: none scored
         last.scatter_reduce_(0, pos // length, pos % length, reduce="amax")
         col = torch.arange(length, device=pos.device).unsqueeze(0)  # (1, L)
