@@ -24,7 +24,7 @@ candidates predicted below the worst elite so far (the E-th best true value, the
 by more than 2 training residual SDs; "wrong" counts skipped candidates whose true ESAP reached the
 bar (they would have entered the elites).
 
-    python benchmarks/screens.py [--json benchmarks/results/search_testbed.json] [--out FILE]
+    python benchmarks/screens.py [--json benchmarks/results/search_testbed_{text,onpolicy}.json] [--out FILE]
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--json",
         nargs="+",
-        default=["benchmarks/results/search_testbed.json"],
+        default=[
+            "benchmarks/results/search_testbed_text.json",
+            "benchmarks/results/search_testbed_onpolicy.json",
+        ],
         help="one or more (their kinds)",
     )
     p.add_argument("--experts", type=int, default=32, help="experts per layer (the testbed's 32)")
