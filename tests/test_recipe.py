@@ -157,3 +157,36 @@ def test_the_demo_runs_bfloat16_only_where_the_cpu_computes_it(monkeypatch, tmp_
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     assert cpu_dtype() == dtype
     assert demo_recipe(tmp_path / "demo").dtype == dtype
+
+
+def test_the_demo_runs_one_thread_unless_the_user_set_omp_num_threads(monkeypatch, tmp_path):
+    """The testbed's operations are too small to split across threads (docs/results.md, the demo's
+    wall time), so the demo's recipe asks for one; a user's OMP_NUM_THREADS wins."""
+    from moeprune.demo import demo_recipe
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert demo_recipe(tmp_path / "demo").threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert demo_recipe(tmp_path / "demo").threads is None
+
+
+def test_a_run_sets_torch_threads_for_its_duration_and_restores_them(tmp_path):
+    """`threads` in a recipe: checked (>= 1, one line naming the key), set while the run works and
+    put back after, also when the run fails."""
+    import torch
+
+    from moeprune.errors import MoepruneError
+    from moeprune.pipelines.run import torch_threads
+
+    with pytest.raises(MoepruneError, match="threads"):
+        Recipe.build({"model": "m", "out": str(tmp_path / "o"), "threads": 0})
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    with torch_threads(wanted):
+        assert torch.get_num_threads() == wanted
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(wanted):
+        raise RuntimeError("a failing run")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

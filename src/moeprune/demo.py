@@ -3,6 +3,7 @@ the unpruned model and uniform pruning. It is one recipe, run by the one pipelin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .recipe import Recipe, cpu_dtype
@@ -32,7 +33,8 @@ def demo_recipe(
     scored. Other sample counts are per domain (`calib_samples`, `heldout_samples` windows of `seq_len`
     tokens); the suite is capped at `eval_tokens_per_domain`
     tokens and `eval_items` items; the model runs in its bfloat16 where the CPU computes bfloat16
-    natively, else in float32 (`recipe.cpu_dtype`)."""
+    natively, else in float32 (`recipe.cpu_dtype`), on one torch thread unless OMP_NUM_THREADS says
+    otherwise."""
     model_dir, data_dir = check_testbed(model_dir, data_dir)
 
     def split(name: str, samples: int, data_seed: int | None = None) -> dict:
@@ -68,6 +70,10 @@ def demo_recipe(
             },
             "seed": seed,
             "dtype": cpu_dtype(),
+            # the testbed's operations are too small to split: on the idle 2-core machine the demo took
+            # 26.7-27.5 s with one thread against 32.3-34.4 s with torch's two (docs/results.md); a
+            # user's OMP_NUM_THREADS is kept
+            "threads": None if "OMP_NUM_THREADS" in os.environ else 1,
         },
         "demo: ",
     )

@@ -12,6 +12,7 @@ demo, Python), holding every check once. `api.run` carries a `Recipe` out.
     evaluate: {suite: testbed, lm_eval: [moeprune_mc], limit: 100}
     seed: 0
     device: cpu
+    threads: 8                       # torch's threads in this process (default: torch's own)
 
 Allocations (registry `PIPELINES`, lazily pointing into `moeprune.pipelines`): ``uniform`` removes the same share in every MoE layer
 by the criterion; ``evoesap`` searches the per-layer counts (the criterion fixes the order within a
@@ -234,6 +235,7 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's)
+    threads: int | None = Field(None, ge=1)  # torch's intra-op threads in this process; None: torch's own
     # auto: surgery streamed when the plan is known without the model, and everything run layer by layer
     # when the model does not fit the device's memory; stream | memory: surgery so; layers: observe,
     # teacher, search and evaluation one decoder layer at a time from the checkpoint, surgery streamed

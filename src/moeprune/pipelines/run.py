@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +176,20 @@ def _streaming(ctx: RunContext, choice: Choice):
     return rewrite
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block, restored after (None: as they are)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(
     recipe: Recipe | str | Path, *, overwrite: bool = False, resume: bool = False, progress: bool = True
 ) -> RunResult:
@@ -183,7 +198,8 @@ def run(
     spec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
     ctx = RunContext(spec, overwrite=overwrite, resume=resume, progress=progress)
     try:
-        result = _carry_out(ctx, t0)
+        with torch_threads(spec.threads):
+            result = _carry_out(ctx, t0)
     except BaseException as e:
         note = ctx.abandon()
         if isinstance(e, MoepruneError) and note != "nothing was written":
