@@ -43,8 +43,8 @@ from moeprune.evolve import score_each
 from moeprune.testbed import load_testbed
 
 
-def features(counts: np.ndarray, experts: int) -> np.ndarray:
-    """(n, L) kept counts -> (n, 1 + 3L) additive per-layer features."""
+def features(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """(n, L) kept counts, (L,) experts per layer -> (n, 1 + 3L) additive per-layer features."""
     k = counts / experts
     return np.hstack([np.ones((len(counts), 1)), k, k**2, np.log1p(counts)])
 
@@ -53,11 +53,12 @@ def fit(x: np.ndarray, y: np.ndarray, lam: float = 1e-3) -> np.ndarray:
     return np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
 
 
-def screened(counts: np.ndarray, y: np.ndarray, sizes: list[int], experts: int, elites: int):
+def screened(counts: np.ndarray, y: np.ndarray, sizes: list[int], experts: np.ndarray, elites: int):
     """One row per generation after the first: (held-out SD, true SD, tau, skipped, wrong)."""
     for n, window in zip(np.cumsum(sizes[:-1]), sizes[1:], strict=True):
-        w = fit(features(counts[:n], experts), y[:n])
-        train_sd = float((y[:n] - features(counts[:n], experts) @ w).std())
+        x = features(counts[:n], experts)
+        w = fit(x, y[:n])
+        train_sd = float((y[:n] - x @ w).std())
         pred = features(counts[n : n + window], experts) @ w
         true = y[n : n + window]
         bar = float(np.sort(y[:n])[-elites])
@@ -104,11 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         ],
         help="one or more (their kinds)",
     )
-    p.add_argument("--experts", type=int, default=32, help="experts per layer (the testbed's 32)")
     p.add_argument("--elites", type=int, default=4)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    files = [json.loads(Path(f).read_text()) for f in args.json]
+    try:
+        files = [json.loads(Path(f).read_text()) for f in args.json]
+    except (OSError, ValueError) as e:
+        p.error(f"cannot read the search results: {e} (write them with benchmarks/search.py --json FILE)")
     s = files[0]["settings"]
     same = ("criterion", "sparsity", "population", "generations")
     if any(f["settings"][k] != s[k] for f in files for k in same):
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = {kind: runs for f in files for kind, runs in f["kinds"].items()}
     model = load_testbed(s["model"], s["data"])[0]
     space = AllocationSpace.from_layers(moe_layers(model), sparsity=s["sparsity"])
+    experts = np.array([b.num_experts for b in space.layers])  # E_l per MoE layer (L,)
     lines = [
         f"# python benchmarks/screens.py --json {' '.join(args.json)}",
         f"# the reference searches there: {s['criterion']} order, sparsity {s['sparsity']}, population "
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             ref_wall, def_wall = ref_wall + run["reference"]["wall"], def_wall + d["wall"]
             floor_wall += d["wall"] - d["eval_s"] * (1 - share / measured)
             racing.append(f"{kind:9} {run['seed']:4} {measured:25.3f} {share:6.3f}  ({full}/{len(y)})")
-            gens = list(screened(counts, y, sizes, args.experts, args.elites))
+            gens = list(screened(counts, y, sizes, experts, args.elites))
             held, true = statistics.mean(g[0] for g in gens), statistics.mean(g[1] for g in gens)
             surrogate.append(
                 f"{kind:9} {run['seed']:4} {len(gens):11} {held:12.4f} {true:8.4f} {held / true:6.2f} "

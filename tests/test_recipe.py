@@ -190,3 +190,35 @@ def test_a_run_sets_torch_threads_for_its_duration_and_restores_them(tmp_path):
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_run_carries_a_recipe_out_under_its_threads(monkeypatch, tmp_path):
+    """`pipelines.run.run` works under the recipe's `threads` (the wiring, not only the helper)."""
+    import importlib
+
+    import torch
+
+    run_mod = importlib.import_module("moeprune.pipelines.run")  # the module (the package exports run)
+
+    class Context:  # stands in for the run's context: no model is loaded
+        def __init__(self, spec, **_):
+            self.spec = spec
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(run_mod, "RunContext", Context)
+    monkeypatch.setattr(run_mod, "_carry_out", lambda ctx, t0: torch.get_num_threads())
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    fields = {
+        "model": "m",
+        "out": str(tmp_path / "o"),
+        "sparsity": 0.5,
+        "criterion": "frequency",
+        "stats": "s",
+    }
+    recipe = Recipe.build(fields | {"threads": wanted})
+    assert run_mod.run(recipe) == wanted
+    assert torch.get_num_threads() == before
+    assert run_mod.run(Recipe.build(fields)) == before
